@@ -1,0 +1,120 @@
+"""Checkpoints that are complete or ignored: save through the engine, mark complete, keep the last K.
+
+A checkpoint is ``checkpoints/step_XXXXXXXX/`` (DeepSpeed's files, written by every rank) plus a
+``COMPLETE`` marker that rank 0 writes atomically only after every rank has finished writing. Start-up
+resumes from the newest folder with a marker, so a job killed mid-save falls back to the previous
+checkpoint, which is never touched by a later save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first."""
+    found = []
+    if ckpt_dir.is_dir():
+        for d in ckpt_dir.iterdir():
+            m = TAG_RE.match(d.name)
+            if m and (d / MARKER).is_file():
+                found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def read_marker(folder: Path) -> dict:
+    return json.loads((folder / MARKER).read_text())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int, rank: int):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep_last, self.rank = max(1, keep_last), rank
+
+    def save(self, engine, step: int, client_state: dict) -> Path:
+        tag = tag_for(step)
+        t0 = time.time()
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+        dist.barrier()  # every rank's shards are on disk before the marker says so
+        folder = self.dir / tag
+        if self.rank == 0:
+            meta = {
+                "step": step,
+                "world_size": dist.get_world_size(),
+                "zero_stage": engine.zero_optimization_stage(),
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            _write_atomic(folder / MARKER, json.dumps(meta))
+            self._prune()
+            log.info("saved checkpoint %s in %.1fs", folder, time.time() - t0)
+        dist.barrier()
+        return folder
+
+    def _prune(self) -> None:
+        complete = complete_checkpoints(self.dir)
+        for _, folder in complete[: -self.keep_last]:
+            shutil.rmtree(folder, ignore_errors=True)
+        newest = complete[-1][0] if complete else -1
+        for d in self.dir.iterdir():  # half-written folders left by an earlier crash
+            m = TAG_RE.match(d.name)
+            if m and int(m.group(1)) < newest and not (d / MARKER).is_file():
+                log.warning("removing incomplete checkpoint %s (a save that was interrupted)", d)
+                shutil.rmtree(d, ignore_errors=True)
+
+    def latest(self) -> tuple[int, Path] | None:
+        complete = complete_checkpoints(self.dir)
+        return complete[-1] if complete else None
+
+    def load_latest(self, engine) -> dict | None:
+        """Load the newest complete checkpoint into ``engine``; its client state, or None if none."""
+        found = self.latest()
+        if found is None:
+            return None
+        step, folder = found
+        meta = read_marker(folder)
+        world = dist.get_world_size()
+        if meta.get("world_size") != world and engine.zero_optimization_stage() > 0:
+            raise RuntimeError(
+                f"checkpoint {folder} was written by {meta.get('world_size')} data-parallel ranks, this run has "
+                f"{world}; ZeRO-{engine.zero_optimization_stage()} optimizer shards are per rank. Resume with "
+                f"{meta.get('world_size')} ranks, or convert it with "
+                "'python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state'"
+            )
+        _, client = engine.load_checkpoint(
+            str(self.dir), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if client is None:
+            raise RuntimeError(f"checkpoint {folder} could not be loaded (DeepSpeed returned nothing); see the log")
+        log.info("resumed from %s (step %d)", folder, step)
+        return client

@@ -1,0 +1,143 @@
+"""Turn (model, typed config, DeepSpeed JSON) into a DeepSpeed engine: the one place distribution,
+precision, activation checkpointing and the optimizer are applied.
+
+The JSON in ds_configs/ holds engine settings only (ZeRO stage, offload, buckets). Batch sizes,
+clipping, precision, optimizer and schedule come from the typed config, so the two cannot disagree: a
+JSON that sets one of those keys is refused with the config key to use instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import deepspeed
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from largemim.config import Config, ConfigError, Plan
+from largemim.schedule import lr_factor
+
+log = logging.getLogger(__name__)
+
+# JSON keys owned by the typed config, and where they live there.
+OWNED_KEYS = {
+    "train_batch_size": "train.global_batch",
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "optim.grad_clip",
+    "bf16": "train.precision",
+    "fp16": "train.precision",
+    "optimizer": "optim.*",
+    "scheduler": "optim.* and train.warmup_*",
+}
+
+
+def load_ds_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"ds_config {str(path)!r} does not exist; pick one of ds_configs/*.json")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"ds_config {str(path)!r} is not valid JSON: {e}") from None
+    owned = [k for k in ds if k in OWNED_KEYS]
+    if owned:
+        where = ", ".join(f"{k!r} -> {OWNED_KEYS[k]}" for k in owned)
+        raise ConfigError(f"{path} sets keys that belong to the largemim config ({where}); remove them from the JSON")
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device not in (None, "none")
+
+
+def full_ds_config(cfg: Config, plan: Plan, ds: dict) -> dict:
+    out = dict(ds)
+    out["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch
+    out["gradient_accumulation_steps"] = cfg.train.grad_accum
+    out["train_batch_size"] = plan.global_batch
+    if cfg.optim.grad_clip:
+        out["gradient_clipping"] = cfg.optim.grad_clip
+    if cfg.train.precision == "bf16":
+        out["bf16"] = {"enabled": True}
+    elif cfg.train.precision == "fp16":
+        # Dynamic loss scaling; fp16 at scale NaNs more often than bf16 (see README).
+        out["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "hysteresis": 2}
+    out.setdefault("steps_per_print", 1 << 30)  # largemim prints its own progress lines
+    out.setdefault("wall_clock_breakdown", False)
+    return out
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay for biases, norms (all 1-D tensors), position embeddings and tokens."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def choose_optimizer(cfg: Config, ds: dict) -> str:
+    impl = cfg.optim.impl
+    if offloads_optimizer(ds):
+        if impl not in ("auto", "deepspeed"):
+            raise ConfigError(f"optimizer offload needs DeepSpeedCPUAdam: set optim.impl=auto, not {impl!r}")
+        return "deepspeed"  # DeepSpeed builds DeepSpeedCPUAdam for offloaded optimizer states
+    if impl == "auto":
+        return "torch_fused" if torch.cuda.is_available() else "torch"
+    return impl
+
+
+def build_model(cfg: Config, ds_json: dict) -> nn.Module:
+    """Build the objective; under ZeRO-3 its parameters are created already partitioned across ranks
+    (``zero.Init``), so a ViT-g never exists whole on one rank, and initialised gathered, rank 0's
+    values broadcast to all."""
+    from largemim.objectives import build_objective
+
+    if zero_stage(ds_json) < 3:
+        return build_objective(cfg)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.half, "fp32": torch.float}[cfg.train.precision]
+    with deepspeed.zero.Init(config_dict_or_path={"zero_optimization": ds_json["zero_optimization"]}, dtype=dtype):
+        model = build_objective(cfg, init=False)
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+        model.init_weights()
+    return model
+
+
+def build_engine(model: nn.Module, cfg: Config, plan: Plan, ds_json: dict):
+    """Returns the DeepSpeed engine (model + optimizer + per-step LR schedule)."""
+    encoder = getattr(model, "encoder", None)
+    if cfg.model.grad_ckpt_every and encoder is not None:
+        encoder.set_grad_checkpointing(cfg.model.grad_ckpt_every)  # before wrapping: the engine only calls forward
+    ds = full_ds_config(cfg, plan, ds_json)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    adam = {"lr": plan.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps, "weight_decay": cfg.optim.weight_decay}
+    impl = choose_optimizer(cfg, ds)
+    if impl == "deepspeed":
+        # DeepSpeed's own AdamW: FusedAdam on CUDA, DeepSpeedCPUAdam with optimizer offload.
+        ds["optimizer"] = {"type": "AdamW", "params": adam}
+        optimizer = None
+    else:
+        optimizer = torch.optim.AdamW(
+            groups, lr=plan.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=impl == "torch_fused"
+        )
+    factor = lr_factor(plan.lr, plan.total_steps, plan.warmup_steps, cfg.optim.min_lr)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=groups if optimizer is None else None,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: LambdaLR(opt, factor),
+        config=ds,
+    )
+    log.info("engine: ZeRO-%d, %s, optimizer %s", zero_stage(ds), cfg.train.precision, type(engine.optimizer).__name__)
+    return engine

@@ -1,0 +1,98 @@
+"""Representation check: how linearly separable and how clustered an encoder's features are.
+
+Features are the class token and the mean of the patch tokens after the final norm, concatenated.
+Two read-outs on a labelled set: weighted cosine kNN (DINO's, k=20, T=0.07) and a linear probe
+(multinomial logistic regression on standardised features, fitted full-batch with L-BFGS). MAE
+features are known to be weak under kNN and much better under a linear probe, so both are reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+
+from largemim.data.augment import EvalTransform, image_bytes
+from largemim.data.sources import expand_shards
+
+
+@dataclass
+class LabelledSet:
+    images: torch.Tensor  # (N, 3, H, W), normalised
+    labels: torch.Tensor  # (N,) int64
+
+
+def load_labelled(pattern: str, max_samples: int, transform: EvalTransform) -> LabelledSet:
+    """The first ``max_samples`` samples of the shards (in shard order): image + ``cls`` label."""
+    images, labels = [], []
+    for sample in wds.tarfile_samples([{"url": u} for u in expand_shards(pattern)]):
+        data, cls = image_bytes(sample), sample.get("cls")
+        if data is None or cls is None:
+            continue
+        images.append(transform(data))
+        labels.append(int(cls))
+        if len(images) >= max_samples:
+            break
+    if not images:
+        raise ValueError(f"no labelled sample (an image and a .cls member) in {pattern!r}")
+    return LabelledSet(torch.stack(images), torch.tensor(labels))
+
+
+@torch.no_grad()
+def encoder_features(encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch: int = 256):
+    """``encode`` maps (B, 3, H, W) to tokens (B, 1 + L, D); returns (N, 2D) float32 on the CPU."""
+    out = []
+    for i in range(0, len(images), batch):
+        tokens = encode(images[i : i + batch]).float()
+        out.append(torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=1).cpu())
+    return torch.cat(out)
+
+
+def knn_accuracy(train_f, train_y, test_f, test_y, k: int = 20, temperature: float = 0.07) -> float:
+    train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    correct = 0
+    for i in range(0, len(test_f), 512):
+        sim = test_f[i : i + 512] @ train_f.T
+        top, idx = sim.topk(min(k, len(train_f)), dim=1)
+        votes = torch.zeros(len(top), classes).scatter_add_(1, train_y[idx], (top / temperature).exp())
+        correct += (votes.argmax(1) == test_y[i : i + 512]).sum().item()
+    return correct / len(test_f)
+
+
+def linear_probe_accuracy(train_f, train_y, test_f, test_y, weight_decay: float = 1e-4, iters: int = 200) -> float:
+    mean, std = train_f.mean(0, keepdim=True), train_f.std(0, keepdim=True) + 1e-6
+    xtr, xte = ((train_f - mean) / std).double(), ((test_f - mean) / std).double()
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    head = torch.nn.Linear(xtr.shape[1], classes).double()
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(head(xtr), train_y) + weight_decay * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return (head(xte).argmax(1) == test_y).float().mean().item()
+
+
+def evaluate_features(train_f, train_y, test_f, test_y, k: int = 20) -> dict[str, float]:
+    return {
+        "knn": knn_accuracy(train_f, train_y, test_f, test_y, k=k),
+        "linear": linear_probe_accuracy(train_f, train_y, test_f, test_y),
+    }
+
+
+def pixel_baseline(train: LabelledSet, test: LabelledSet, k: int = 20) -> dict[str, float]:
+    return evaluate_features(train.images.flatten(1), train.labels, test.images.flatten(1), test.labels, k=k)
+
+
+def check_encoder(encode, train: LabelledSet, test: LabelledSet, k: int = 20) -> dict[str, float]:
+    train_f, test_f = encoder_features(encode, train.images), encoder_features(encode, test.images)
+    return evaluate_features(train_f, train.labels, test_f, test.labels, k=k)

@@ -1,0 +1,97 @@
+"""Periodic looks at the model during training: representation check and reconstruction pictures.
+
+Both run on every rank (under ZeRO-3 a forward pass is collective) and report from rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+
+from largemim.config import Config
+from largemim.data.augment import EvalTransform
+from largemim.evaluation.represent import LabelledSet, check_encoder, load_labelled, pixel_baseline
+from largemim.visualize import reconstruction_grid
+
+log = logging.getLogger(__name__)
+BASELINES = "repr_baselines.json"
+
+
+def param_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+class Monitor:
+    def __init__(self, cfg: Config, engine, run_dir: Path, device: torch.device, rank: int):
+        self.cfg, self.engine, self.run_dir, self.device, self.rank = cfg, engine, Path(run_dir), device, rank
+        e, m, d = cfg.eval, cfg.model, cfg.data
+        transform = EvalTransform(m.img_size, d.mean, d.std)
+        self.train_set: LabelledSet | None = None
+        self.test_set: LabelledSet | None = None
+        if e.train_shards and e.test_shards:
+            self.train_set = load_labelled(e.train_shards, e.train_samples, transform)
+            self.test_set = load_labelled(e.test_shards, e.test_samples, transform)
+        self.fixed_images = self.test_set.images[:8] if self.test_set is not None else None
+        g = torch.Generator().manual_seed(cfg.run.seed + 12345)
+        self.fixed_noise = torch.rand(8, (m.img_size // m.patch_size) ** 2, generator=g)
+
+    @property
+    def has_eval(self) -> bool:
+        return self.train_set is not None
+
+    def set_fixed_images(self, images: torch.Tensor) -> None:
+        if self.fixed_images is None:
+            self.fixed_images = images[:8].cpu()
+
+    @torch.no_grad()
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        module = self.engine.module
+        return module.encoder(images.to(self.device, param_dtype(module)))
+
+    def representation(self) -> dict[str, float]:
+        module = self.engine.module
+        module.eval()
+        try:
+            return check_encoder(self._encode, self.train_set, self.test_set, k=self.cfg.eval.knn_k)
+        finally:
+            module.train()
+
+    def baselines(self) -> dict[str, dict[str, float]]:
+        """Raw pixels and this run's random-init encoder; computed at step 0 and kept in the run folder."""
+        path = self.run_dir / BASELINES
+        if path.exists():
+            return json.loads(path.read_text())
+        result = {
+            "raw_pixels": pixel_baseline(self.train_set, self.test_set, k=self.cfg.eval.knn_k),
+            "random_init": self.representation(),
+        }
+        if self.rank == 0:
+            path.write_text(json.dumps(result, indent=1))
+        return result
+
+    @torch.no_grad()
+    def reconstruction(self, step: int, run_log) -> Path | None:
+        if self.fixed_images is None or not hasattr(self.engine.module, "patch_size"):
+            return None
+        module = self.engine.module
+        module.eval()
+        try:
+            images = self.fixed_images.to(self.device)
+            out = module(images, noise=self.fixed_noise[: len(images)].to(self.device))
+        finally:
+            module.train()
+        if self.rank != 0:
+            return None
+        d = self.cfg.data
+        grid = reconstruction_grid(
+            images, out["pred"], out["mask"], module.patch_size, d.mean, d.std, self.cfg.objective.norm_pix_loss
+        )
+        path = self.run_dir / "reconstructions" / f"step_{step:08d}.png"
+        path.parent.mkdir(exist_ok=True)
+        save_image(grid, path)
+        run_log.image("reconstruction", grid, step)
+        return path

@@ -1,0 +1,90 @@
+"""What a run reports, from rank 0: console lines with rate and ETA, TensorBoard, metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger("largemim")
+
+
+def setup_console(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class RunLog:
+    """Writes only on rank 0; other ranks get a RunLog whose methods do nothing."""
+
+    def __init__(self, run_dir: Path, rank: int, total_steps: int, tensorboard: bool, resume_step: int):
+        self.active = rank == 0
+        self.total = total_steps
+        self.writer = None
+        if not self.active:
+            return
+        self.metrics_path = Path(run_dir) / "metrics.jsonl"
+        self._truncate_after(resume_step)
+        self.metrics = open(self.metrics_path, "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        self._t0, self._step0 = time.time(), resume_step
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop lines a killed run logged after its last checkpoint: the resumed run logs them again."""
+        if not self.metrics_path.exists():
+            return
+        kept = [ln for ln in self.metrics_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+        self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+
+    def restart_clock(self, step: int) -> None:
+        self._t0, self._step0 = time.time(), step
+
+    def step(self, step: int, scalars: dict[str, float], images_per_step: int) -> None:
+        if not self.active:
+            return
+        elapsed = time.time() - self._t0
+        done = step - self._step0
+        rate = done * images_per_step / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) * elapsed / done if done else 0.0
+        record = {"step": step, **scalars, "images_per_s": rate, "time": time.time()}
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if self.writer:
+            for k, v in scalars.items():
+                self.writer.add_scalar(f"train/{k}", v, step)
+            self.writer.add_scalar("train/images_per_s", rate, step)
+        extra = "".join(f" {k} {v:.4g}" for k, v in scalars.items() if k not in ("loss", "lr"))
+        log.info(
+            "step %d/%d loss %.4f lr %.3e%s | %.1f img/s | eta %s",
+            step, self.total, scalars["loss"], scalars["lr"], extra, rate, format_duration(eta),
+        )  # fmt: skip
+
+    def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        if self.active and self.writer:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def image(self, tag: str, image, step: int) -> None:
+        if self.active and self.writer:
+            self.writer.add_image(tag, image, step)
+
+    def close(self) -> None:
+        if self.active:
+            self.metrics.close()
+            if self.writer:
+                self.writer.close()
