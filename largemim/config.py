@@ -74,7 +74,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     micro_batch: int = 64  # per rank, per forward
-    grad_accum: int = 1
+    grad_accum: int = 0  # 0 = derived: global_batch / (micro_batch x world size), or 1 if global_batch is 0
     global_batch: int = 0  # if set, must equal micro_batch * grad_accum * world size
     steps: int = 0  # length in optimizer steps, or ...
     epochs: float = 0.0  # ... in epochs of data.num_samples (exactly one of the two)
@@ -217,6 +217,7 @@ class Plan:
     steps_per_epoch: float  # optimizer steps per pass over data.num_samples (informational)
     lr: float
     micro_batches_per_epoch: int  # per rank; every rank yields exactly this many per data epoch
+    grad_accum: int
 
 
 def make_plan(cfg: Config, world_size: int, num_samples: int) -> Plan:
@@ -229,9 +230,10 @@ def make_plan(cfg: Config, world_size: int, num_samples: int) -> Plan:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"model.size={m.size!r} is not in the size table ({', '.join(VIT_SIZES)}){hint}")
     if m.img_size % m.patch_size:
+        below = m.img_size // m.patch_size * m.patch_size
         raise ConfigError(
             f"model.img_size {m.img_size} is not a multiple of model.patch_size {m.patch_size}; "
-            f"use img_size {m.img_size // m.patch_size * m.patch_size} or {(m.img_size // m.patch_size + 1) * m.patch_size}"
+            f"use img_size {below} or {below + m.patch_size}"
         )
     if not 0.0 < o.mask_ratio < 1.0:
         raise ConfigError(f"objective.mask_ratio={o.mask_ratio} must be strictly between 0 and 1 (MAE uses 0.75)")
@@ -239,15 +241,28 @@ def make_plan(cfg: Config, world_size: int, num_samples: int) -> Plan:
         raise ConfigError(f"train.precision={t.precision!r} must be one of bf16, fp16, fp32")
     if cfg.optim.impl not in ("auto", "torch", "torch_fused", "deepspeed"):
         raise ConfigError(f"optim.impl={cfg.optim.impl!r} must be one of auto, torch, torch_fused, deepspeed")
-    if t.micro_batch < 1 or t.grad_accum < 1:
-        raise ConfigError(f"train.micro_batch ({t.micro_batch}) and train.grad_accum ({t.grad_accum}) must be >= 1")
-    global_batch = t.micro_batch * t.grad_accum * world_size
-    if t.global_batch and t.global_batch != global_batch:
-        hint = ""
-        if t.global_batch % (t.micro_batch * world_size) == 0:
-            hint = f"; set train.grad_accum={t.global_batch // (t.micro_batch * world_size)}"
+    if t.micro_batch < 1 or t.grad_accum < 0:
         raise ConfigError(
-            f"train.global_batch {t.global_batch} != micro_batch {t.micro_batch} x grad_accum {t.grad_accum} "
+            f"train.micro_batch ({t.micro_batch}) must be >= 1 and train.grad_accum ({t.grad_accum}) >= 0"
+        )
+    per_pass = t.micro_batch * world_size
+    grad_accum = t.grad_accum
+    if not grad_accum:  # derive it from the global batch
+        if t.global_batch and t.global_batch % per_pass:
+            raise ConfigError(
+                f"train.global_batch {t.global_batch} is not divisible by micro_batch {t.micro_batch} x world size "
+                f"{world_size} = {per_pass}; change train.micro_batch or the number of ranks"
+            )
+        grad_accum = t.global_batch // per_pass if t.global_batch else 1
+    global_batch = per_pass * grad_accum
+    if t.global_batch and t.global_batch != global_batch:
+        hint = (
+            f"; set train.grad_accum={t.global_batch // per_pass} (or 0 to derive it)"
+            if t.global_batch % per_pass == 0
+            else ""
+        )
+        raise ConfigError(
+            f"train.global_batch {t.global_batch} != micro_batch {t.micro_batch} x grad_accum {grad_accum} "
             f"x world size {world_size} = {global_batch}{hint}"
         )
     if num_samples < global_batch:
@@ -255,8 +270,8 @@ def make_plan(cfg: Config, world_size: int, num_samples: int) -> Plan:
             f"the data set has {num_samples} samples, fewer than one global batch ({global_batch}); "
             "lower train.micro_batch or use more data"
         )
-    micro_per_epoch = num_samples // (t.micro_batch * world_size)
-    steps_per_epoch = micro_per_epoch / t.grad_accum
+    micro_per_epoch = num_samples // per_pass
+    steps_per_epoch = micro_per_epoch / grad_accum
     if bool(t.steps) == bool(t.epochs):
         raise ConfigError(f"set exactly one of train.steps ({t.steps}) and train.epochs ({t.epochs})")
     total = t.steps if t.steps else max(1, math.ceil(t.epochs * steps_per_epoch))
@@ -266,4 +281,4 @@ def make_plan(cfg: Config, world_size: int, num_samples: int) -> Plan:
     if warmup > total:
         raise ConfigError(f"warm-up ({warmup} steps) is longer than the run ({total} steps)")
     lr = cfg.optim.lr if cfg.optim.lr else cfg.optim.base_lr * global_batch / 256
-    return Plan(world_size, global_batch, total, warmup, steps_per_epoch, lr, micro_per_epoch)
+    return Plan(world_size, global_batch, total, warmup, steps_per_epoch, lr, micro_per_epoch, grad_accum)

@@ -62,7 +62,7 @@ def offloads_optimizer(ds: dict) -> bool:
 def full_ds_config(cfg: Config, plan: Plan, ds: dict) -> dict:
     out = dict(ds)
     out["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch
-    out["gradient_accumulation_steps"] = cfg.train.grad_accum
+    out["gradient_accumulation_steps"] = plan.grad_accum
     out["train_batch_size"] = plan.global_batch
     if cfg.optim.grad_clip:
         out["gradient_clipping"] = cfg.optim.grad_clip
@@ -107,7 +107,11 @@ def build_model(cfg: Config, ds_json: dict) -> nn.Module:
     if zero_stage(ds_json) < 3:
         return build_objective(cfg)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.half, "fp32": torch.float}[cfg.train.precision]
-    with deepspeed.zero.Init(config_dict_or_path={"zero_optimization": ds_json["zero_optimization"]}, dtype=dtype):
+    init_cfg = {
+        "zero_optimization": ds_json["zero_optimization"],
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+    }
+    with deepspeed.zero.Init(config_dict_or_path=init_cfg, dtype=dtype):
         model = build_objective(cfg, init=False)
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
         model.init_weights()

@@ -37,7 +37,7 @@ class RunLog:
             return
         self.metrics_path = Path(run_dir) / "metrics.jsonl"
         self._truncate_after(resume_step)
-        self.metrics = open(self.metrics_path, "a")
+        self.metrics = open(self.metrics_path, "a")  # noqa: SIM115 - held open for the whole run
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -73,7 +72,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
         changed = {k: (saved.get(k), v) for k, v in data_state.items() if k != "position" and saved.get(k) != v}
         if changed:
             log.warning("data settings changed since the checkpoint %s: the batch stream will differ", changed)
-    ga = cfg.train.grad_accum
+    ga = plan.grad_accum
 
     monitor = Monitor(cfg, engine, run_dir, env.device, env.rank)
     run_log = RunLog(run_dir, env.rank, plan.total_steps, cfg.log.tensorboard, start)
@@ -102,7 +101,9 @@ def train(cfg: Config, env: DistEnv) -> dict:
         for micro in range(ga):
             batch = next(loader)
             if batch.index != step * ga + micro:
-                raise RuntimeError(f"data stream out of order: got micro-batch {batch.index}, expected {step * ga + micro}")
+                raise RuntimeError(
+                    f"data stream out of order: got micro-batch {batch.index}, expected {step * ga + micro}"
+                )
             if step == start and micro == 0:
                 monitor.set_fixed_images(batch.images)
             skipped += batch.skipped
@@ -134,7 +135,9 @@ def train(cfg: Config, env: DistEnv) -> dict:
         if monitor.has_eval and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < plan.total_steps:
             result = monitor.representation()
             run_log.scalars("repr", result, step)
-            log.info("representation check at step %d: kNN %.4f, linear probe %.4f", step, result["knn"], result["linear"])
+            log.info(
+                "representation check at step %d: kNN %.4f, linear probe %.4f", step, result["knn"], result["linear"]
+            )
         if step % cfg.checkpoint.every_steps == 0 and step < plan.total_steps:
             save(step)
             last_saved = step

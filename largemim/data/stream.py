@@ -4,11 +4,13 @@ Stages, per (rank, loader worker):
   shards -> this epoch's share -> samples (tar members grouped by key) -> seeded shuffle buffer
   -> skip what a resumed run already consumed -> decode + augment -> batch.
 
-Every shuffle and every crop draws from an RNG seeded by (seed, epoch, rank, worker[, sample]), so
-the batch stream is a pure function of the config and the position in it. A rank's micro-batch
-number ``b`` comes from worker ``b % workers`` (the order in which a DataLoader with
-``batch_size=None`` takes items from its workers), so resuming at micro-batch ``b`` restarts each
-worker at its own next batch, skipping the samples it had consumed without decoding them.
+A rank's data is split into ``workers`` lanes: micro-batch ``b`` is made from lane ``b % workers``'s
+sample stream. Every shuffle and every crop draws from an RNG seeded by (seed, epoch, rank, lane[,
+sample]), so a batch's content is a function of the config and ``b`` alone. A DataLoader with
+``batch_size=None`` takes items from its workers in turn, starting with worker 0, so worker ``w``
+serves lane ``(start + w) % workers``; resuming at micro-batch ``start`` restarts each lane at its own
+next batch, skipping the samples it had consumed without decoding them. The same number of workers
+must be used after a resume (it is saved in the checkpoint and checked).
 
 Every rank yields exactly ``micro_batches_per_epoch`` batches per data epoch: a worker whose shards
 run out before its share of batches is full reads its shards again in a new order, so no rank waits
@@ -69,26 +71,26 @@ class ShardStream(IterableDataset):
         self._errors = _SkipCounter()
 
     # -- which shards a (rank, worker) reads in an epoch
-    def shards_for(self, epoch: int, worker: int, workers: int) -> list[str]:
+    def shards_for(self, epoch: int, lane: int, workers: int) -> list[str]:
         s = self.spec
         order = list(s.urls)
         random.Random(f"{s.seed}-shards-{epoch}").shuffle(order)
         slots = s.world_size * workers
-        slot = s.rank * workers + worker
+        slot = s.rank * workers + lane
         mine = order[slot::slots]
         if not mine:  # fewer shards than ranks x workers: share shards rather than hang
             mine = [order[slot % len(order)]]
         return mine
 
-    def _raw_samples(self, epoch: int, worker: int, workers: int) -> Iterator[dict]:
-        """This worker's samples of an epoch, shuffled, endless (re-reads its shards in a new order)."""
+    def _raw_samples(self, epoch: int, lane: int, workers: int) -> Iterator[dict]:
+        """A lane's samples of an epoch, shuffled, endless (re-reads its shards in a new order)."""
         s = self.spec
-        shards = self.shards_for(epoch, worker, workers)
+        shards = self.shards_for(epoch, lane, workers)
 
         def endless() -> Iterator[dict]:
             for cycle in range(1 << 30):
                 order = list(shards)
-                random.Random(f"{s.seed}-cycle-{epoch}-{s.rank}-{worker}-{cycle}").shuffle(order)
+                random.Random(f"{s.seed}-cycle-{epoch}-{s.rank}-{lane}-{cycle}").shuffle(order)
                 got = 0
                 for sample in wds.tarfile_samples([{"url": u} for u in order], handler=self._errors):
                     got += 1
@@ -96,7 +98,7 @@ class ShardStream(IterableDataset):
                 if got == 0:
                     raise RuntimeError(f"shards {order} hold no readable sample; check data.shards")
 
-        rng = random.Random(f"{s.seed}-shuffle-{epoch}-{s.rank}-{worker}")
+        rng = random.Random(f"{s.seed}-shuffle-{epoch}-{s.rank}-{lane}")
         yield from wds.filters._shuffle(endless(), bufsize=s.shuffle_buffer, initial=s.shuffle_buffer, rng=rng)
 
     def _decode(self, sample: dict, rng: np.random.Generator) -> torch.Tensor | None:
@@ -114,13 +116,14 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         s = self.spec
         per_epoch = s.micro_batches_per_epoch
-        b = self.start_batch + (worker - self.start_batch) % workers  # first index this worker serves
+        b = self.start_batch + worker  # the first batch this worker serves
+        lane = b % workers
         while True:
             epoch, offset = divmod(b, per_epoch)
-            # how many of this worker's batches come earlier in the epoch: they are skipped undecoded
-            first = (worker - epoch * per_epoch) % workers
+            # how many of this lane's batches come earlier in the epoch: they are skipped undecoded
+            first = (lane - epoch * per_epoch) % workers
             done = 0 if offset <= first else (offset - first - 1) // workers + 1
-            samples = self._raw_samples(epoch, worker, workers)
+            samples = self._raw_samples(epoch, lane, workers)
             position = 0
             for _ in range(done * s.micro_batch):
                 next(samples)
@@ -129,12 +132,12 @@ class ShardStream(IterableDataset):
                 skipped_before = self._errors.count
                 images = []
                 for _ in range(s.micro_batch):  # a batch is always micro_batch raw samples: exact resume
-                    image = self._decode(next(samples), np.random.default_rng([s.seed, epoch, s.rank, worker, position]))
+                    image = self._decode(next(samples), np.random.default_rng([s.seed, epoch, s.rank, lane, position]))
                     position += 1
                     images.append(image)
                 good = [im for im in images if im is not None]
                 while not good:  # a whole batch undecodable: read on (the rare case resume cannot replay)
-                    image = self._decode(next(samples), np.random.default_rng([s.seed, epoch, s.rank, worker, position]))
+                    image = self._decode(next(samples), np.random.default_rng([s.seed, epoch, s.rank, lane, position]))
                     position += 1
                     good = [image] if image is not None else []
                 # An undecodable sample's place is taken by a good one of the same batch.

@@ -1,0 +1,102 @@
+import pytest
+
+from largemim.config import ConfigError, load_config, make_plan, save_resolved
+
+BASE = ["data.shards=/x/train-{0..9}.tar"]
+
+
+def test_recipe_and_overrides_merge():
+    cfg = load_config("largemim/recipes/mae_tiny_cpu.yaml", ["optim.lr=1e-4", "data.crop_scale=[0.3,1.0]"])
+    assert cfg.model.size == "micro" and cfg.optim.lr == 1e-4 and cfg.data.crop_scale == (0.3, 1.0)
+    assert cfg.data.shards.endswith("{000000..000007}.tar")  # braces survive the override syntax
+
+
+@pytest.mark.parametrize(
+    "override, key, suggestion",
+    [
+        ("data.shard=x", "data.shard", "data.shards"),
+        ("optim.lrr=1", "optim.lrr", "optim.lr"),
+        ("modle.size=base", "modle", "model"),
+        ("train.step=3", "train.step", "train.steps"),
+    ],
+)
+def test_unknown_key_names_it_and_suggests(override, key, suggestion):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [*BASE, override])
+    assert f"unknown config key {key!r}" in str(e.value) and repr(suggestion) in str(e.value)
+
+
+def test_unknown_key_in_recipe_names_the_file(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("optim:\n  weight_decai: 0.1\n")
+    with pytest.raises(ConfigError, match=r"'optim.weight_decai' in .*r.yaml; did you mean 'optim.weight_decay'"):
+        load_config(bad, BASE)
+
+
+def test_bad_type_and_missing_value():
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(None, [*BASE, "train.steps=many"])
+    with pytest.raises(ConfigError, match="data.shards must be set"):
+        load_config(None, [])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["optim.lr"])
+
+
+def _cfg(*over):
+    return load_config(None, [*BASE, "train.steps=100", *over])
+
+
+def test_derived_checks_name_the_fix():
+    with pytest.raises(
+        ConfigError, match="img_size 225 is not a multiple of model.patch_size 16; use img_size 224 or 240"
+    ):
+        make_plan(_cfg("model.img_size=225"), 1, 10_000)
+    with pytest.raises(ConfigError, match="mask_ratio=1.0 must be strictly between 0 and 1"):
+        make_plan(_cfg("objective.mask_ratio=1.0"), 1, 10_000)
+    with pytest.raises(
+        ConfigError, match=r"global_batch 4096 != micro_batch 64 x grad_accum 2 x world size 8 = 1024.*grad_accum=8"
+    ):
+        make_plan(_cfg("train.global_batch=4096", "train.grad_accum=2"), 8, 100_000)
+    with pytest.raises(
+        ConfigError, match="global_batch 4096 is not divisible by micro_batch 64 x world size 24 = 1536"
+    ):
+        make_plan(_cfg("train.global_batch=4096"), 24, 100_000)
+    with pytest.raises(ConfigError, match="not in the size table.*did you mean 'huge'"):
+        make_plan(_cfg("model.size=hug"), 1, 10_000)
+    with pytest.raises(ConfigError, match="exactly one of train.steps"):
+        make_plan(_cfg("train.epochs=3"), 1, 10_000)
+    with pytest.raises(ConfigError, match="fewer than one global batch"):
+        make_plan(_cfg(), 4, 100)
+
+
+def test_grad_accum_is_derived_from_global_batch():
+    plan = make_plan(_cfg("train.global_batch=4096", "train.micro_batch=32"), 16, 1_000_000)
+    assert plan.grad_accum == 8 and plan.global_batch == 4096
+
+
+def test_epochs_convert_to_steps_and_lr_scales_with_batch():
+    cfg = load_config(
+        None, [*BASE, "train.epochs=2.5", "train.warmup_epochs=0.5", "train.micro_batch=32", "train.grad_accum=2"]
+    )
+    plan = make_plan(cfg, world_size=4, num_samples=10_000)
+    assert plan.global_batch == 256
+    assert plan.micro_batches_per_epoch == 10_000 // (32 * 4)  # 78 per rank
+    assert plan.total_steps == 98  # ceil(2.5 * 78 / 2)
+    assert plan.warmup_steps == 20  # round(0.5 * 39)
+    assert plan.lr == pytest.approx(1.5e-4)  # base_lr * 256 / 256
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("largemim/recipes/mae_tiny_cpu.yaml", ["train.steps=7"])
+    path = save_resolved(cfg, tmp_path)
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted(p.name for p in __import__("pathlib").Path("largemim/recipes").glob("*.yaml"))
+)
+def test_every_recipe_loads_and_plans(recipe):
+    cfg = load_config(f"largemim/recipes/{recipe}", ["data.shards=/x/train-{0..9}.tar"])
+    world = 2 if "cpu" in recipe or "fmnist" in recipe else 8
+    plan = make_plan(cfg, world, 1_281_167)
+    assert plan.total_steps > 0 and plan.global_batch % world == 0

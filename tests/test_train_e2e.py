@@ -1,0 +1,98 @@
+"""End to end: the real trainer under torchrun, 2 ranks, gloo, real DeepSpeed engines, real tar shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import REPO, TINY, read_metrics, run_trainer, trainer_cmd, trainer_env
+
+pytestmark = pytest.mark.slow
+
+
+def _falling(metrics: dict[int, dict], steps: int) -> None:
+    losses = [metrics[s]["loss"] for s in range(1, steps + 1)]
+    assert all(map(lambda v: v == v and abs(v) < 1e6, losses)), losses  # finite
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+
+
+@pytest.mark.parametrize(
+    "ds_config, precision",
+    [("zero0", "fp32"), ("zero1", "bf16"), ("zero2", "bf16"), ("zero3", "bf16"), ("zero3", "fp32")],
+)
+def test_short_training_per_zero_stage(tmp_path, shard_set, ds_config, precision):
+    run = tmp_path / "run"
+    run_trainer(
+        run, shard_set, [f"ds_config=ds_configs/{ds_config}.json", f"train.precision={precision}", "train.steps=12"]
+    )
+    metrics = read_metrics(run)
+    assert sorted(metrics) == list(range(1, 13))
+    _falling(metrics, 12)
+    marker = json.loads((run / "checkpoints/step_00000012/COMPLETE").read_text())
+    assert marker["world_size"] == 2 and marker["zero_stage"] == int(ds_config[-1])
+    assert (run / "config.yaml").is_file()
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, shard_set):
+    common = ["ds_config=ds_configs/zero2.json", "train.precision=fp32", "train.steps=4"]
+    run_trainer(tmp_path / "plain", shard_set, common)
+    run_trainer(tmp_path / "ckpt", shard_set, [*common, "model.grad_ckpt_every=1"])
+    a, b = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "ckpt")
+    assert [a[s]["loss"] for s in a] == [b[s]["loss"] for s in b]
+
+
+def _launch(run_dir, shards, overrides):
+    cmd = trainer_cmd(2, [*TINY, f"data.shards={shards}", f"run.dir={run_dir}", *overrides])
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_stop_on_signal_then_resume_matches_uninterrupted_run(tmp_path, shard_set):
+    common = [
+        "ds_config=ds_configs/zero2.json", "train.precision=fp32", "train.steps=24", "checkpoint.every_steps=1000",
+        "data.workers=2",
+    ]  # fmt: skip
+    run_trainer(tmp_path / "straight", shard_set, common)
+    straight = read_metrics(tmp_path / "straight")
+
+    run = tmp_path / "interrupted"
+    proc = _launch(run, shard_set, common)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # signal once a few steps have run
+        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.05)
+    # Signal the ranks, as SLURM signals every task of a step (torchrun itself would turn a signal into
+    # its own exit code 1 after forwarding it).
+    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(ranks) == 2
+    for pid in ranks:
+        os.kill(int(pid), signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-4000:]
+    stopped = read_metrics(run)
+    stop_step = max(stopped)
+    assert 4 <= stop_step < 24, out[-2000:]
+    assert (run / f"checkpoints/step_{stop_step:08d}/COMPLETE").is_file()
+    # A save that was interrupted (no COMPLETE marker) must never be picked up.
+    broken = run / "checkpoints/step_00000023"
+    broken.mkdir()
+    (broken / "mp_rank_00_model_states.pt").write_bytes(b"half a file")
+
+    run_trainer(run, shard_set, common)  # the same command again: resumes with no flag
+    resumed = read_metrics(run)
+    assert sorted(resumed) == list(range(1, 25))
+    for step in range(1, 25):
+        assert resumed[step]["loss"] == straight[step]["loss"], (step, stop_step)
+
+
+def test_config_error_exits_2_before_starting(tmp_path, shard_set):
+    cmd = trainer_cmd(1, [*TINY, f"data.shards={shard_set}", f"run.dir={tmp_path}", "optim.lrr=1"])
+    proc = subprocess.run(cmd, cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "unknown config key 'optim.lrr'" in proc.stderr and "did you mean 'optim.lr'" in proc.stderr

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment in .venv and install the tested versions.
+# Sourced by tools/demo.sh and tools/test.sh, so each of them works on a fresh machine by itself.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${LARGEMIM_VENV:-$REPO/.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  python3 -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+stamp="$VENV/.largemim-installed"
+if [ ! -f "$stamp" ] || [ "$REPO/requirements.txt" -nt "$stamp" ] || [ "$REPO/pyproject.toml" -nt "$stamp" ]; then
+  echo "[setup] installing requirements (torch comes from this machine's disk: about 2 minutes the first time)"
+  python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  python -m pip install -q -r "$REPO/requirements.txt" 2>&1 | grep -v "^WARNING: Location" || true
+  python -m pip install -q --no-deps -e "$REPO" 2>&1 | grep -v "^WARNING: Location" || true
+  python -c "import torch, deepspeed, timm, webdataset, submitit, omegaconf" || { echo "[setup] install failed"; exit 1; }
+  touch "$stamp"
+fi
+export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::FutureWarning}"
