@@ -13,6 +13,8 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -96,25 +98,76 @@ class Checkpointer:
         complete = complete_checkpoints(self.dir)
         return complete[-1] if complete else None
 
-    def load_latest(self, engine) -> dict | None:
-        """Load the newest complete checkpoint into ``engine``; its client state, or None if none."""
+    def universal_dir(self, folder: Path) -> Path:
+        return self.dir / "universal" / folder.name
+
+    def needs_universal(self, world_size: int, force: bool = False) -> Path | None:
+        """The newest checkpoint's folder if it must be loaded through DeepSpeed's universal format:
+        its ZeRO-1/2/3 optimizer shards were written by another number of data-parallel ranks (or
+        ``force``). ZeRO-0 checkpoints hold whole tensors and load at any world size."""
+        found = self.latest()
+        if found is None:
+            return None
+        meta = read_marker(found[1])
+        if meta.get("zero_stage", 0) == 0 and not force:
+            return None
+        return found[1] if force or meta.get("world_size") != world_size else None
+
+    def convert_to_universal(self, folder: Path) -> Path:
+        """Convert ``folder`` once (rank 0; the others wait) and return the converted copy.
+
+        Runs ``deepspeed.checkpoint.ds_to_universal --inject_missing_state`` (the flag is needed for
+        ZeRO-1/2) in a subprocess into a temporary folder, renamed into place when complete, so an
+        interrupted conversion is redone rather than half-used. A converted copy is reused.
+        """
+        out = self.universal_dir(folder)
+        if self.rank == 0 and not (out / MARKER).is_file():
+            meta = read_marker(folder)
+            log.warning(
+                "checkpoint %s was written by %s ranks with ZeRO-%s; converting it to DeepSpeed's universal "
+                "format for %d ranks (optimizer state included)", folder, meta.get("world_size"),
+                meta.get("zero_stage"), dist.get_world_size(),
+            )  # fmt: skip
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            cmd = [
+                sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
+                "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+                "--num_merge_workers", "1",
+            ]  # fmt: skip
+            t0 = time.time()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(
+                    f"converting {folder} to the universal format failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+                )
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+            _write_atomic(out / MARKER, json.dumps({**meta, "universal": True}))
+            log.info("converted to %s in %.1fs", out, time.time() - t0)
+        dist.barrier()
+        return out
+
+    def load_latest(self, engine, universal: Path | None = None) -> dict | None:
+        """Load the newest complete checkpoint into ``engine`` (through its universal copy if given);
+        its client state, or None if there is none."""
         found = self.latest()
         if found is None:
             return None
         step, folder = found
         meta = read_marker(folder)
         world = dist.get_world_size()
-        if meta.get("world_size") != world and engine.zero_optimization_stage() > 0:
+        if universal is None and meta.get("world_size") != world and engine.zero_optimization_stage() > 0:
             raise RuntimeError(
                 f"checkpoint {folder} was written by {meta.get('world_size')} data-parallel ranks, this run has "
-                f"{world}; ZeRO-{engine.zero_optimization_stage()} optimizer shards are per rank. Resume with "
-                f"{meta.get('world_size')} ranks, or convert it with "
-                "'python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state'"
+                f"{world}; it must be loaded through the universal format (see Checkpointer.needs_universal)"
             )
+        source = universal if universal is not None else folder
         _, client = engine.load_checkpoint(
-            str(self.dir), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(source.parent), tag=source.name, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if client is None:
-            raise RuntimeError(f"checkpoint {folder} could not be loaded (DeepSpeed returned nothing); see the log")
-        log.info("resumed from %s (step %d)", folder, step)
+            raise RuntimeError(f"checkpoint {source} could not be loaded (DeepSpeed returned nothing); see the log")
+        client.setdefault("step", step)
+        log.info("resumed from %s (step %d)%s", folder, step, " via its universal copy" if universal else "")
         return client

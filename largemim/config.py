@@ -42,17 +42,47 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "mae"
-    mask_ratio: float = 0.75
+    name: str = "mae"  # mae | simmim | beit | dvae | data2vec (largemim.objectives.OBJECTIVES)
+    mask_ratio: float = 0.75  # MAE's; the recipes set SimMIM 0.6, BEiT 0.4, data2vec 0.6
     norm_pix_loss: bool = True  # target = each patch's pixels normalised by its own mean and variance
+    # Masking (SimMIM, BEiT, data2vec; MAE always masks random patches).
+    mask: str = "auto"  # random | block | simmim; auto = the objective's own (SimMIM simmim, BEiT/data2vec block)
+    mask_patch_size: int = 32  # simmim masking: pixels per masked square (a multiple of model.patch_size)
+    min_block_patches: int = 16  # block masking: smallest block, in patches (BEiT)
+    # dVAE tokenizer (BEiT stage 1): Gumbel-softmax temperature decays exponentially from start to end.
+    vocab_size: int = 8192
+    dvae_hidden: int = 64  # conv width of the dVAE encoder and decoder
+    dvae_temp_start: float = 1.0
+    dvae_temp_end: float = 0.0625  # DALL-E's 1/16
+    dvae_temp_steps: int = 5000  # optimizer steps from start to end temperature
+    dvae_kl_weight: float = 0.01  # weight of KL(q || uniform) per latent position
+    # BEiT (stage 2): the frozen tokenizer written by tools/export_tokenizer.py from a dvae run.
+    tokenizer: str = ""
+    # data2vec: EMA teacher, decay ramped linearly from ema_start to ema_end over ema_steps optimizer steps.
+    ema_start: float = 0.999
+    ema_end: float = 0.9999
+    ema_steps: int = 10000
+    target_layers: int = 6  # average the top-K teacher blocks' FFN outputs
+    regression_loss: str = "smooth_l1"  # smooth_l1 | mse
+    smooth_l1_beta: float = 2.0
+
+    def mask_kind(self) -> str:
+        """The mask generator this objective uses: ``mask`` unless it is "auto"."""
+        if self.mask != "auto":
+            return self.mask
+        return {"simmim": "simmim", "beit": "block", "data2vec": "block"}.get(self.name, "random")
 
 
 @dataclass
 class DataConfig:
-    shards: str = MISSING  # brace-expanded path(s), e.g. /data/in1k/train-{000000..001023}.tar
-    num_samples: int = 0  # samples in the shard set; 0 = read manifest.json next to the shards
+    shards: str = MISSING  # brace-expanded path(s), e.g. /data/in1k/train-{000000..001023}.tar; sets joined by ::
+    weights: list[float] = field(default_factory=list)  # mixing weight per ::-separated set (resampled only)
+    num_samples: int = 0  # samples per epoch; 0 = the manifests' total (manifest.json next to the shards)
+    sampling: str = "resampled"  # resampled: shards drawn with replacement | exact: every shard once per epoch
     workers: int = 4  # loader processes per rank; 0 = load in the training process
     shuffle_buffer: int = 2000
+    decode: str = "fast"  # fast: crop chosen from the header, JPEG decoded at reduced scale | reference
+    open_retries: int = 3  # attempts to open a shard URL before it is skipped
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -88,6 +118,7 @@ class CheckpointConfig:
     every_steps: int = 1000
     keep_last: int = 2
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    load_universal: bool = False  # resume through DeepSpeed's universal format even at the same world size
 
 
 @dataclass
@@ -95,6 +126,7 @@ class LogConfig:
     every_steps: int = 20
     image_every_steps: int = 1000  # reconstruction picture of a fixed batch; 0 = off
     tensorboard: bool = True
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = from largemim.flops' table of known GPUs
 
 
 @dataclass
@@ -237,6 +269,16 @@ def make_plan(cfg: Config, world_size: int, num_samples: int) -> Plan:
         )
     if not 0.0 < o.mask_ratio < 1.0:
         raise ConfigError(f"objective.mask_ratio={o.mask_ratio} must be strictly between 0 and 1 (MAE uses 0.75)")
+    d = cfg.data
+    if d.sampling not in ("resampled", "exact"):
+        raise ConfigError(f"data.sampling={d.sampling!r} must be 'resampled' or 'exact'")
+    if d.decode not in ("fast", "reference"):
+        raise ConfigError(f"data.decode={d.decode!r} must be 'fast' or 'reference'")
+    sets = [p for p in d.shards.split("::") if p.strip()]
+    if d.weights and len(d.weights) != len(sets):
+        raise ConfigError(f"data.weights has {len(d.weights)} entries for {len(sets)} '::'-separated shard sets")
+    if d.weights and (d.sampling == "exact" or min(d.weights) < 0 or sum(d.weights) <= 0):
+        raise ConfigError("data.weights need data.sampling=resampled and non-negative weights with a positive sum")
     if t.precision not in ("bf16", "fp16", "fp32"):
         raise ConfigError(f"train.precision={t.precision!r} must be one of bf16, fp16, fp32")
     if cfg.optim.impl not in ("auto", "torch", "torch_fused", "deepspeed"):
@@ -282,3 +324,73 @@ def make_plan(cfg: Config, world_size: int, num_samples: int) -> Plan:
         raise ConfigError(f"warm-up ({warmup} steps) is longer than the run ({total} steps)")
     lr = cfg.optim.lr if cfg.optim.lr else cfg.optim.base_lr * global_batch / 256
     return Plan(world_size, global_batch, total, warmup, steps_per_epoch, lr, micro_per_epoch, grad_accum)
+
+
+def check_objective(cfg: Config) -> None:
+    """Check the objective's own settings against the model; called by ``make_plan``."""
+    m, o = cfg.model, cfg.objective
+    from largemim.models.sizes import VIT_SIZES  # local import keeps config importable without torch
+
+    kinds = ("random", "block", "simmim")
+    if o.mask != "auto" and o.mask not in kinds:
+        raise ConfigError(f"objective.mask={o.mask!r} must be auto or one of {', '.join(kinds)}")
+    kind = o.mask_kind()
+    if o.name == "mae" and kind != "random":
+        raise ConfigError(f"objective.mask={o.mask!r}: MAE drops the hidden patches and masks random ones only")
+    if o.name in ("simmim", "beit", "data2vec"):
+        grid = m.img_size // m.patch_size
+        hidden = grid * grid - int(grid * grid * (1 - o.mask_ratio))
+        if kind == "simmim":
+            unit = o.mask_patch_size
+            if unit < m.patch_size or unit % m.patch_size or m.img_size % unit:
+                raise ConfigError(
+                    f"objective.mask_patch_size={unit} must be a multiple of model.patch_size {m.patch_size} that "
+                    f"divides model.img_size {m.img_size} (SimMIM masks {unit}-pixel squares of whole patches)"
+                )
+        if kind == "block" and o.min_block_patches < 1:
+            raise ConfigError(f"objective.min_block_patches={o.min_block_patches} must be >= 1 (BEiT uses 16)")
+        if hidden < 1:
+            raise ConfigError(f"objective.mask_ratio={o.mask_ratio} hides no patch of the {grid}x{grid} grid")
+    if o.name == "dvae":
+        if o.vocab_size < 2 or o.dvae_hidden < 1:
+            raise ConfigError(
+                f"objective.vocab_size ({o.vocab_size}) must be >= 2 and objective.dvae_hidden ({o.dvae_hidden}) >= 1"
+            )
+        if not 0.0 < o.dvae_temp_end <= o.dvae_temp_start or o.dvae_temp_steps < 1:
+            raise ConfigError(
+                f"the dVAE temperature must fall from objective.dvae_temp_start ({o.dvae_temp_start}) to "
+                f"objective.dvae_temp_end ({o.dvae_temp_end}) > 0 over objective.dvae_temp_steps "
+                f"({o.dvae_temp_steps}) >= 1 steps (DALL-E: 1 to 1/16)"
+            )
+        if o.dvae_kl_weight < 0:
+            raise ConfigError(f"objective.dvae_kl_weight={o.dvae_kl_weight} must be >= 0")
+        if cfg.eval.train_shards or cfg.eval.test_shards:
+            raise ConfigError("the dVAE has no ViT encoder to check: set eval.train_shards= and eval.test_shards=")
+        if m.grad_ckpt_every:
+            raise ConfigError("model.grad_ckpt_every applies to ViT blocks; the dVAE has none: set it to 0")
+    if o.name == "beit":
+        if not o.tokenizer:
+            raise ConfigError(
+                "objective.tokenizer must name a tokenizer file: train one with objective.name=dvae, then write it "
+                "with 'python tools/export_tokenizer.py RUN_DIR'"
+            )
+        if not Path(o.tokenizer).is_file():
+            raise ConfigError(
+                f"objective.tokenizer={o.tokenizer!r} does not exist; write it from a dvae run with "
+                "'python tools/export_tokenizer.py RUN_DIR'"
+            )
+    if o.name == "data2vec":
+        if not 0.0 <= o.ema_start <= o.ema_end <= 1.0 or o.ema_steps < 0:
+            raise ConfigError(
+                f"the EMA decay must rise from objective.ema_start ({o.ema_start}) to objective.ema_end "
+                f"({o.ema_end}) <= 1 over objective.ema_steps ({o.ema_steps}) >= 0 steps (data2vec: 0.999 to 0.9999)"
+            )
+        depth = VIT_SIZES[m.size].depth if m.size in VIT_SIZES else None
+        if o.target_layers < 1 or (depth is not None and o.target_layers > depth):
+            raise ConfigError(
+                f"objective.target_layers={o.target_layers} must be between 1 and the encoder depth ({depth})"
+            )
+        if o.regression_loss not in ("smooth_l1", "mse"):
+            raise ConfigError(f"objective.regression_loss={o.regression_loss!r} must be smooth_l1 or mse")
+        if o.regression_loss == "smooth_l1" and o.smooth_l1_beta <= 0:
+            raise ConfigError(f"objective.smooth_l1_beta={o.smooth_l1_beta} must be > 0 (data2vec uses 2)")

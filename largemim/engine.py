@@ -106,12 +106,16 @@ def build_model(cfg: Config, ds_json: dict) -> nn.Module:
 
     if zero_stage(ds_json) < 3:
         return build_objective(cfg)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.half, "fp32": torch.float}[cfg.train.precision]
+    # Precision goes in the config, not as dtype=: DeepSpeed 0.19.8's zero.Init ignores dtype= when a
+    # config is given too and picks bf16 on a CPU (an operator-precedence slip in _set_dtype).
+    p = cfg.train.precision
     init_cfg = {
         "zero_optimization": ds_json["zero_optimization"],
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+        "bf16": {"enabled": p == "bf16"},
+        "fp16": {"enabled": p == "fp16"},
     }
-    with deepspeed.zero.Init(config_dict_or_path=init_cfg, dtype=dtype):
+    with deepspeed.zero.Init(config_dict_or_path=init_cfg):
         model = build_objective(cfg, init=False)
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
         model.init_weights()

@@ -75,21 +75,28 @@ class Monitor:
 
     @torch.no_grad()
     def reconstruction(self, step: int, run_log) -> Path | None:
-        if self.fixed_images is None or not hasattr(self.engine.module, "patch_size"):
-            return None
+        """Save a picture of the fixed batch. An objective draws its own with ``picture(images, noise,
+        mean, std) -> (3, H, W)`` if it has one; MAE-style objectives (``pred`` per patch + ``mask``)
+        get original | masked | reconstruction | reconstruction with visible patches pasted."""
         module = self.engine.module
+        if self.fixed_images is None or not (hasattr(module, "picture") or hasattr(module, "patch_size")):
+            return None
+        d = self.cfg.data
         module.eval()
         try:
             images = self.fixed_images.to(self.device)
-            out = module(images, noise=self.fixed_noise[: len(images)].to(self.device))
+            noise = self.fixed_noise[: len(images)].to(self.device)
+            if hasattr(module, "picture"):
+                grid = module.picture(images, noise, d.mean, d.std)
+            else:
+                out = module(images, noise=noise)
+                grid = reconstruction_grid(
+                    images, out["pred"], out["mask"], module.patch_size, d.mean, d.std, self.cfg.objective.norm_pix_loss
+                )
         finally:
             module.train()
         if self.rank != 0:
             return None
-        d = self.cfg.data
-        grid = reconstruction_grid(
-            images, out["pred"], out["mask"], module.patch_size, d.mean, d.std, self.cfg.objective.norm_pix_loss
-        )
         path = self.run_dir / "reconstructions" / f"step_{step:08d}.png"
         path.parent.mkdir(exist_ok=True)
         save_image(grid, path)

@@ -29,9 +29,20 @@ def format_duration(seconds: float) -> str:
 class RunLog:
     """Writes only on rank 0; other ranks get a RunLog whose methods do nothing."""
 
-    def __init__(self, run_dir: Path, rank: int, total_steps: int, tensorboard: bool, resume_step: int):
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        total_steps: int,
+        tensorboard: bool,
+        resume_step: int,
+        flops_per_image: int | None = None,
+        peak_tflops: float | None = None,
+        world_size: int = 1,
+    ):
         self.active = rank == 0
         self.total = total_steps
+        self.flops_per_image, self.peak_tflops, self.world_size = flops_per_image, peak_tflops, world_size
         self.writer = None
         if not self.active:
             return
@@ -61,17 +72,25 @@ class RunLog:
         done = step - self._step0
         rate = done * images_per_step / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) * elapsed / done if done else 0.0
-        record = {"step": step, **scalars, "images_per_s": rate, "time": time.time()}
+        record = {"step": step, **scalars, "images_per_s": rate}
+        if self.flops_per_image:  # achieved model TFLOP/s per device, and MFU where the peak is known
+            record["tflops_per_device"] = rate * self.flops_per_image / self.world_size / 1e12
+            if self.peak_tflops:
+                record["mfu"] = record["tflops_per_device"] / self.peak_tflops
+        record["time"] = time.time()
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
         if self.writer:
             for k, v in scalars.items():
                 self.writer.add_scalar(f"train/{k}", v, step)
-            self.writer.add_scalar("train/images_per_s", rate, step)
+            for k in ("images_per_s", "tflops_per_device", "mfu"):
+                if k in record:
+                    self.writer.add_scalar(f"train/{k}", record[k], step)
         extra = "".join(f" {k} {v:.4g}" for k, v in scalars.items() if k not in ("loss", "lr"))
+        mfu = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
         log.info(
-            "step %d/%d loss %.4f lr %.3e%s | %.1f img/s | eta %s",
-            step, self.total, scalars["loss"], scalars["lr"], extra, rate, format_duration(eta),
+            "step %d/%d loss %.4f lr %.3e%s | %.1f img/s%s | eta %s",
+            step, self.total, scalars["loss"], scalars["lr"], extra, rate, mfu, format_duration(eta),
         )  # fmt: skip
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:

@@ -11,12 +11,14 @@ import torch
 import torch.distributed as dist
 
 from largemim.checkpoint import Checkpointer
-from largemim.config import Config, make_plan, save_resolved
+from largemim.config import Config, ConfigError, make_plan, save_resolved
 from largemim.data.augment import TrainAugment
-from largemim.data.sources import count_samples, expand_shards
-from largemim.data.stream import StreamSpec, build_train_loader
+from largemim.data.fast_decode import FastTrainAugment
+from largemim.data.sources import count_samples, expand_shards, split_sets
+from largemim.data.stream import StreamSpec, build_train_loader, check_exact_split
 from largemim.distributed import DistEnv
 from largemim.engine import build_engine, build_model, load_ds_json
+from largemim.flops import peak_tflops, train_flops_per_image
 from largemim.monitor import Monitor
 from largemim.run_log import RunLog
 from largemim.signals import StopOnSignal
@@ -30,19 +32,37 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
 
 
-def _mean_across_ranks(value: torch.Tensor) -> float:
-    value = value.detach().float().clone()
+def _mean_across_ranks(values: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+    """Mean over ``count`` micro-steps and all ranks, in one all-reduce."""
+    names = sorted(values)
+    stacked = torch.stack([values[k].float() for k in names]) / count
     if dist.get_world_size() > 1:
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value.item()
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return dict(zip(names, stacked.tolist(), strict=True))
+
+
+def _throughput_model(cfg: Config, device: torch.device) -> tuple[int | None, float | None]:
+    """(training FLOPs per image, device peak TFLOP/s) for the TFLOP/s and MFU figures, where known."""
+    try:
+        flops = train_flops_per_image(cfg)
+    except (ConfigError, KeyError, NotImplementedError):
+        flops = None  # an objective without a FLOP formula: no MFU figure
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return flops, peak_tflops(name, cfg.train.precision, cfg.log.peak_tflops or None)
 
 
 def train(cfg: Config, env: DistEnv) -> dict:
     """Run (or resume) the configured training to its end or to a stop request. Returns a summary."""
-    urls = expand_shards(cfg.data.shards)
+    sets = [expand_shards(pattern) for pattern in split_sets(cfg.data.shards)]
+    urls = [u for s in sets for u in s]
     num_samples = cfg.data.num_samples or count_samples(urls)
     plan = make_plan(cfg, env.world_size, num_samples)
+    if cfg.data.sampling == "exact":
+        try:
+            check_exact_split(len(urls), env.world_size, cfg.data.workers)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if env.rank == 0:
@@ -53,18 +73,24 @@ def train(cfg: Config, env: DistEnv) -> dict:
             plan.world_size,
         )  # fmt: skip
     ds_json = load_ds_json(cfg.ds_config)
+    ckpt = Checkpointer(run_dir, cfg.checkpoint.keep_last, env.rank)
+    universal = None
+    to_convert = ckpt.needs_universal(env.world_size, force=cfg.checkpoint.load_universal)
+    if to_convert is not None:  # written at another world size: load through DeepSpeed's universal format
+        universal = ckpt.convert_to_universal(to_convert)
+        ds_json = {**ds_json, "checkpoint": {**ds_json.get("checkpoint", {}), "load_universal": True}}
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, ds_json)
     engine = build_engine(model, cfg, plan, ds_json)
 
-    ckpt = Checkpointer(run_dir, cfg.checkpoint.keep_last, env.rank)
     data_state = {
         "micro_batches_per_epoch": plan.micro_batches_per_epoch,
         "workers": cfg.data.workers,
         "seed": cfg.run.seed,
         "shards": len(urls),
+        "sampling": cfg.data.sampling,
     }
-    client = ckpt.load_latest(engine)
+    client = ckpt.load_latest(engine, universal)
     start = 0
     if client is not None:
         start = int(client["step"])
@@ -75,15 +101,21 @@ def train(cfg: Config, env: DistEnv) -> dict:
     ga = plan.grad_accum
 
     monitor = Monitor(cfg, engine, run_dir, env.device, env.rank)
-    run_log = RunLog(run_dir, env.rank, plan.total_steps, cfg.log.tensorboard, start)
+    flops_per_image, peak = _throughput_model(cfg, env.device)
+    run_log = RunLog(
+        run_dir, env.rank, plan.total_steps, cfg.log.tensorboard, start, flops_per_image, peak, env.world_size
+    )
     summary: dict = {"start_step": start, "total_steps": plan.total_steps}
     if monitor.has_eval:
         summary["baselines"] = monitor.baselines()
 
-    augment = TrainAugment(cfg.model.img_size, cfg.data.crop_scale, cfg.data.mean, cfg.data.std, cfg.data.hflip)
+    d = cfg.data
+    augment = (FastTrainAugment if d.decode == "fast" else TrainAugment)(
+        cfg.model.img_size, d.crop_scale, d.mean, d.std, d.hflip
+    )
     spec = StreamSpec(
-        tuple(urls), cfg.train.micro_batch, plan.micro_batches_per_epoch, env.rank, env.world_size,
-        cfg.run.seed, cfg.data.shuffle_buffer,
+        tuple(tuple(s) for s in sets), cfg.train.micro_batch, plan.micro_batches_per_epoch, env.rank,
+        env.world_size, cfg.run.seed, d.shuffle_buffer, d.sampling, tuple(d.weights), d.open_retries,
     )  # fmt: skip
     loader = iter(build_train_loader(spec, augment, cfg.data.workers, start * ga, env.device.type == "cuda"))
     stopper = StopOnSignal(list(cfg.checkpoint.stop_signals), env.device)
@@ -93,7 +125,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
         ckpt.save(engine, step, state)
 
     step, last_saved = start, start
-    loss_sum = torch.zeros((), device=env.device)
+    sums: dict[str, torch.Tensor] = {}  # loss and any other scalar the objective returns, summed per window
     skipped = 0
     run_log.restart_clock(start)
     engine.train()
@@ -112,18 +144,23 @@ def train(cfg: Config, env: DistEnv) -> dict:
             out = engine(images)
             engine.backward(out["loss"])
             engine.step()
-            loss_sum += out["loss"].detach().float()
+            for key, value in out.items():
+                if torch.is_tensor(value) and value.ndim == 0:
+                    sums[key] = sums.get(key, 0) + value.detach().float()
         step += 1
+        if hasattr(engine.module, "after_step"):  # e.g. data2vec's EMA teacher update, on every rank
+            engine.module.after_step(step)
         if step % cfg.log.every_steps == 0 or step == plan.total_steps:
             n = cfg.log.every_steps if step % cfg.log.every_steps == 0 else step % cfg.log.every_steps
-            loss = _mean_across_ranks(loss_sum / (n * ga))
-            loss_sum.zero_()
+            means = _mean_across_ranks(sums, n * ga)
+            sums.clear()
+            loss = means.pop("loss")
             if not np.isfinite(loss):
                 raise FloatingPointError(
                     f"loss is {loss} at step {step}; lower optim.base_lr, set optim.grad_clip, or use "
                     "train.precision=bf16 (resume restarts from the last checkpoint)"
                 )
-            scalars = {"loss": loss, "lr": engine.get_lr()[0]}
+            scalars = {"loss": loss, "lr": engine.get_lr()[0], **means}
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 scalars["grad_norm"] = float(grad_norm)

@@ -9,12 +9,22 @@ import braceexpand
 from largemim.data.manifest import MANIFEST_NAME, Manifest
 
 
+def split_sets(pattern: str) -> list[str]:
+    """Shard sets are joined with ``::`` (each may be mixed with its own weight)."""
+    return [part.strip() for part in pattern.split("::") if part.strip()]
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
 def expand_shards(pattern: str) -> list[str]:
-    """``/d/train-{000000..000009}.tar`` -> ten paths; several patterns may be joined with ``::``."""
-    urls = [u for part in pattern.split("::") if part.strip() for u in braceexpand.braceexpand(part.strip())]
+    """``/d/train-{000000..000009}.tar`` -> ten paths; ``pipe:`` commands are expanded the same way
+    (``pipe:aws s3 cp s3://b/shard-{000..099}.tar -`` -> 100 commands); several sets join with ``::``."""
+    urls = [u for part in split_sets(pattern) for u in braceexpand.braceexpand(part)]
     if not urls:
         raise ValueError(f"shard pattern {pattern!r} expands to no shard")
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    local = [u for u in urls if is_local(u)]
     missing = [u for u in local if not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(
@@ -26,6 +36,9 @@ def expand_shards(pattern: str) -> list[str]:
 
 def count_samples(urls: list[str]) -> int:
     """Samples in ``urls`` according to the manifest(s) in their folders; raises if one is missing."""
+    remote = [u for u in urls if not is_local(u)]
+    if remote:
+        raise ValueError(f"cannot count the samples of remote shards such as {remote[0]!r}: set data.num_samples")
     by_name: dict[str, int] = {}
     for folder in sorted({str(Path(u).parent) for u in urls}):
         manifest = Manifest.load(Path(folder) / MANIFEST_NAME)

@@ -12,22 +12,37 @@ serves lane ``(start + w) % workers``; resuming at micro-batch ``start`` restart
 next batch, skipping the samples it had consumed without decoding them. The same number of workers
 must be used after a resume (it is saved in the checkpoint and checked).
 
-Every rank yields exactly ``micro_batches_per_epoch`` batches per data epoch: a worker whose shards
-run out before its share of batches is full reads its shards again in a new order, so no rank waits
-for another at the end of an epoch.
+Two ways to choose shards (``data.sampling``):
+
+* ``resampled`` (default): each lane draws shards with replacement from an RNG seeded by (seed, epoch,
+  rank, lane); a data epoch is ``data.num_samples`` samples (default: the manifests' total). Several
+  ``::``-separated shard sets are mixed per sample with ``data.weights``.
+* ``exact``: each epoch, the shards are shuffled with (seed, epoch) and dealt to ranks, then lanes:
+  every shard is read once per epoch by exactly one lane. Fewer shards than ranks x lanes is an error at
+  start-up (:func:`check_exact_split`).
+
+Either way every rank yields exactly ``micro_batches_per_epoch`` batches per data epoch: in exact mode a
+lane whose shards run out before its share of batches is full reads them again in a new order (and a
+lane with more samples than its share leaves the rest for the next epoch's deal), so no rank waits for
+another at the end of an epoch (webdataset#188, #303).
+
+A shard that cannot be opened is retried ``open_retries`` times, then skipped with a warning naming it;
+a truncated tar is read up to the damage; an undecodable member is skipped and counted.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
 
 from largemim.data.augment import TrainAugment, image_bytes
 
@@ -43,13 +58,31 @@ class Batch:
 
 @dataclass(frozen=True)
 class StreamSpec:
-    urls: tuple[str, ...]
+    sets: tuple[tuple[str, ...], ...]  # one tuple of shard URLs per '::'-separated set
     micro_batch: int
     micro_batches_per_epoch: int
     rank: int
     world_size: int
     seed: int
     shuffle_buffer: int
+    sampling: str = "resampled"
+    weights: tuple[float, ...] = field(default_factory=tuple)  # per set; empty = proportional to shard count
+    open_retries: int = 3
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(u for s in self.sets for u in s)
+
+
+def check_exact_split(num_shards: int, world_size: int, workers: int) -> None:
+    """Exact epochs deal whole shards to ranks x lanes: there must be at least one shard per lane."""
+    lanes = world_size * max(1, workers)
+    if num_shards < lanes:
+        raise ValueError(
+            f"data.sampling=exact needs at least one shard per loader lane: {world_size} ranks x "
+            f"{max(1, workers)} workers = {lanes} shards, but the set has {num_shards}. Write more, smaller "
+            "shards (tools/make_shards.py), lower data.workers, or use data.sampling=resampled"
+        )
 
 
 class _SkipCounter:
@@ -69,6 +102,7 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.spec, self.augment, self.start_batch = spec, augment, start_batch
         self._errors = _SkipCounter()
+        self._dead: set[str] = set()  # URLs that never opened
 
     # -- which shards a (rank, worker) reads in an epoch
     def shards_for(self, epoch: int, lane: int, workers: int) -> list[str]:
@@ -82,24 +116,72 @@ class ShardStream(IterableDataset):
             mine = [order[slot % len(order)]]
         return mine
 
-    def _raw_samples(self, epoch: int, lane: int, workers: int) -> Iterator[dict]:
-        """A lane's samples of an epoch, shuffled, endless (re-reads its shards in a new order)."""
+    def _open(self, urls: Iterator[str]) -> Iterator[dict]:
+        """Open each URL (a path, or a ``pipe:`` command), retrying; skip it with a warning if it never
+        opens, and from then on without retrying (resampling would draw it again and again)."""
+        for url in urls:
+            if url in self._dead:
+                continue
+            for attempt in range(1, self.spec.open_retries + 1):
+                try:
+                    yield {"url": url, "stream": gopen(url)}
+                    break
+                except Exception as exn:  # noqa: BLE001 - any failure to open is retried, then skipped
+                    if attempt < self.spec.open_retries:
+                        time.sleep(min(2.0 ** (attempt - 1), 10.0))
+                        continue
+                    self._dead.add(url)
+                    self._errors(OSError(f"shard {url} could not be opened after {attempt} attempts ({exn}); skipped"))
+
+    def _samples_of(self, urls: Iterator[str]) -> Iterator[dict]:
+        files = wds.tariterators.tar_file_expander(self._open(urls), handler=self._errors)
+        return wds.tariterators.group_by_keys(files, handler=self._errors)
+
+    def _shard_order(self, epoch: int, lane: int, workers: int, set_index: int) -> Iterator[str]:
+        """The endless sequence of shards a lane reads in an epoch (from one set, when mixing)."""
         s = self.spec
+        if s.sampling == "resampled":
+            urls = s.sets[set_index]
+            rng = random.Random(f"{s.seed}-resample-{epoch}-{s.rank}-{lane}-{set_index}")
+            while True:
+                yield urls[rng.randrange(len(urls))]
         shards = self.shards_for(epoch, lane, workers)
+        for cycle in range(1 << 30):  # exact: this lane's deal, re-read in a new order if it runs short
+            order = list(shards)
+            random.Random(f"{s.seed}-cycle-{epoch}-{s.rank}-{lane}-{cycle}").shuffle(order)
+            yield from order
 
-        def endless() -> Iterator[dict]:
-            for cycle in range(1 << 30):
-                order = list(shards)
-                random.Random(f"{s.seed}-cycle-{epoch}-{s.rank}-{lane}-{cycle}").shuffle(order)
-                got = 0
-                for sample in wds.tarfile_samples([{"url": u} for u in order], handler=self._errors):
-                    got += 1
-                    yield sample
-                if got == 0:
-                    raise RuntimeError(f"shards {order} hold no readable sample; check data.shards")
+    def _endless(self, epoch: int, lane: int, workers: int, set_index: int) -> Iterator[dict]:
+        """Samples of the lane's shard sequence; a clear error (never a silent spin) when shard after
+        shard yields nothing."""
+        empty_in_a_row = [0]
+        limit = 2 * len(self.spec.urls) + 8
 
+        def counted(urls: Iterator[str]) -> Iterator[str]:
+            for url in urls:
+                if empty_in_a_row[0] >= limit:
+                    raise RuntimeError(
+                        f"{limit} shards in a row gave no readable sample (last: {url}); check data.shards"
+                    )
+                empty_in_a_row[0] += 1
+                yield url
+
+        for sample in self._samples_of(counted(self._shard_order(epoch, lane, workers, set_index))):
+            empty_in_a_row[0] = 0
+            yield sample
+
+    def _raw_samples(self, epoch: int, lane: int, workers: int) -> Iterator[dict]:
+        """A lane's samples of an epoch, mixed across sets by weight, shuffled; endless."""
+        s = self.spec
+        if len(s.sets) == 1 or s.sampling == "exact":
+            mixed = self._endless(epoch, lane, workers, 0)
+        else:
+            weights = list(s.weights) if s.weights else [len(u) for u in s.sets]
+            streams = [self._endless(epoch, lane, workers, i) for i in range(len(s.sets))]
+            rng = random.Random(f"{s.seed}-mix-{epoch}-{s.rank}-{lane}")
+            mixed = (next(streams[rng.choices(range(len(streams)), weights)[0]]) for _ in iter(int, 1))
         rng = random.Random(f"{s.seed}-shuffle-{epoch}-{s.rank}-{lane}")
-        yield from wds.filters._shuffle(endless(), bufsize=s.shuffle_buffer, initial=s.shuffle_buffer, rng=rng)
+        yield from wds.filters._shuffle(mixed, bufsize=s.shuffle_buffer, initial=s.shuffle_buffer, rng=rng)
 
     def _decode(self, sample: dict, rng: np.random.Generator) -> torch.Tensor | None:
         data = image_bytes(sample)
@@ -136,9 +218,16 @@ class ShardStream(IterableDataset):
                     position += 1
                     images.append(image)
                 good = [im for im in images if im is not None]
+                extra = 0
                 while not good:  # a whole batch undecodable: read on (the rare case resume cannot replay)
+                    if extra >= 16 * s.micro_batch:
+                        raise RuntimeError(
+                            f"{s.micro_batch + extra} samples in a row could not be decoded (see the warnings); "
+                            "check data.shards"
+                        )
                     image = self._decode(next(samples), np.random.default_rng([s.seed, epoch, s.rank, lane, position]))
                     position += 1
+                    extra += 1
                     good = [image] if image is not None else []
                 # An undecodable sample's place is taken by a good one of the same batch.
                 images = [im if im is not None else good[i % len(good)] for i, im in enumerate(images)]

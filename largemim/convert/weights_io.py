@@ -1,0 +1,117 @@
+"""Reading and writing plain state-dict files: safetensors (the default) or weights-only torch pickles.
+
+A safetensors file written here carries the model's ``MIMArch`` (heads, mask ratio, normalisation,
+provenance) in its metadata under ``"largemim"``; a ``.pt`` file carries it in a ``<file>.json`` next to
+it, so the pickle itself stays a plain ``{name: tensor}`` that ``load_state_dict`` takes as is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from largemim.convert.arch import METADATA_KEY, MIMArch
+from largemim.convert.safe_load import load_torch
+
+log = logging.getLogger(__name__)
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+# Wrappers that training scripts put around a state dict, outermost first.
+CONTAINER_KEYS = ("model", "state_dict", "module", "model_state")
+
+
+def _unshared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors with storages of their own (safetensors refuses views into a shared buffer,
+    which is what DeepSpeed's merged flat partitions are); copies only the tensors that need it."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in sd.items():
+        v = v.detach()
+        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
+        if ptr in seen or not v.is_contiguous() or v.untyped_storage().nbytes() != v.numel() * v.element_size():
+            v = v.contiguous().clone()
+        if v.numel():
+            seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    return out
+
+
+def save_weights(sd: dict[str, torch.Tensor], path: str | Path, arch: MIMArch | None = None) -> Path:
+    """Write ``sd`` to ``path`` (.safetensors, or .pt/.pth/.bin) atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    sd = _unshared(sd)
+    if path.suffix == ".safetensors":
+        meta = {"format": "pt"}  # transformers and timm check this key
+        if arch is not None:
+            meta[METADATA_KEY] = arch.to_json()
+        save_file(sd, str(tmp), metadata=meta)
+    elif path.suffix in TORCH_SUFFIXES:
+        torch.save(sd, tmp)
+        if arch is not None:
+            Path(str(path) + ".json").write_text(arch.to_json())
+    else:
+        raise ValueError(f"{path}: unknown weights format {path.suffix!r}; use .safetensors (or .pt)")
+    os.replace(tmp, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # safetensors creates its file private; make it like any other output
+    return path
+
+
+def read_metadata(path: str | Path) -> MIMArch | None:
+    """The ``MIMArch`` stored with a weights file by ``save_weights``, or None."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        text = meta.get(METADATA_KEY)
+    else:
+        side = Path(str(path) + ".json")
+        text = side.read_text() if side.is_file() else None
+    return MIMArch.from_json(text) if text else None
+
+
+def unwrap_state_dict(obj, path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
+    """The ``{name: tensor}`` inside a loaded checkpoint (``{'model': ...}``, ``{'state_dict': ...}``...)."""
+    for _ in range(3):
+        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return dict(obj)
+        if not isinstance(obj, dict):
+            break
+        inner = next((obj[k] for k in CONTAINER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+    raise ValueError(f"{path} does not hold a state dict (top-level keys: {keys}); expected {{name: tensor}} "
+                     f"or one inside {' / '.join(repr(k) for k in CONTAINER_KEYS)}")  # fmt: skip
+
+
+def load_weights(path: str | Path, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], MIMArch | None]:
+    """State dict and stored architecture (if any) of a .safetensors or torch file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.suffix == ".safetensors":
+        return load_file(str(path)), read_metadata(path)
+    return unwrap_state_dict(load_torch(path, trust_pickle=trust_pickle), path), read_metadata(path)
+
+
+def describe(sd: dict[str, torch.Tensor]) -> str:
+    """One line: tensor count, parameter count, dtypes, bytes."""
+    n = sum(v.numel() for v in sd.values())
+    nbytes = sum(v.numel() * v.element_size() for v in sd.values())
+    dtypes = ", ".join(sorted({str(v.dtype).replace("torch.", "") for v in sd.values()}))
+    return f"{len(sd)} tensors, {n / 1e6:,.2f} M parameters, {dtypes}, {nbytes / 2**20:,.1f} MiB"
+
+
+def dump_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")

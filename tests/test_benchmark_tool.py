@@ -1,0 +1,121 @@
+"""tools/benchmark.py runs end to end on the CPU: the real DeepSpeed engine and HF's ViTMAE, one JSON
+line each. (A check that the tool works, not a benchmark: CPU numbers of a tiny model mean nothing.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "benchmark.py"
+TINY = [
+    "model.size=nano",
+    "model.img_size=32",
+    "model.patch_size=4",
+    "model.decoder_dim=32",
+    "model.decoder_depth=1",
+    "model.decoder_heads=4",
+    "train.micro_batch=4",
+]
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("largemim_benchmark_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_both_implementations_report(tmp_path):
+    pytest.importorskip("transformers")
+    jsonl = tmp_path / "bench.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(TOOL), "--device", "cpu", "--steps", "2", "--warmup", "1", "--jsonl", str(jsonl)]
+    cmd += [*TINY, "ds_config=ds_configs/zero2.json", "train.precision=bf16", "model.grad_ckpt_every=2"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-4000:]
+    records = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    throughput = {r["impl"]: r for r in records if r["kind"] == "throughput"}
+    assert set(throughput) == {"largemim", "hf"}
+    for r in throughput.values():
+        assert r["images_per_s"] > 0 and r["tflops"] > 0
+        assert r["micro_batch"] == 4 and r["size"] == "nano" and r["grad_ckpt_every"] == 2
+        assert r["gflop_per_image"] > 0 and r["mfu"] is None  # no known peak on a CPU
+        assert r["loss"] == r["loss"]  # not NaN
+    assert throughput["largemim"]["zero_stage"] == 2
+    ratio = [r for r in records if r["kind"] == "ratio"]
+    assert len(ratio) == 1
+    expected = throughput["largemim"]["images_per_s"] / throughput["hf"]["images_per_s"]
+    assert ratio[0]["largemim_over_hf_images_per_s"] == pytest.approx(expected, rel=1e-3)
+    assert [json.loads(line) for line in jsonl.read_text().splitlines()] == records
+
+
+def test_largest_fitting_search():
+    tool = load_tool()
+    calls = []
+
+    def fits_below(limit):
+        def fits(b):
+            calls.append(b)
+            return b <= limit
+
+        return fits
+
+    assert tool.largest_fitting(fits_below(100), start=8, limit=4096, resolution=0.0) == 100
+    assert calls[:5] == [8, 16, 32, 64, 128]
+    assert tool.largest_fitting(fits_below(5000), start=8, limit=1024) == 1024  # capped, says the limit
+    assert tool.largest_fitting(fits_below(3), start=8, limit=1024) == 3  # searched below the start
+    assert tool.largest_fitting(fits_below(0), start=8, limit=1024) == 0
+    found = tool.largest_fitting(fits_below(300), start=8, limit=4096, resolution=0.125)
+    assert 300 * (1 - 0.125) <= found <= 300
+
+
+def test_overrides_and_options_mix():
+    """The sweep puts the swept keys after the options; argparse must not take them for strays."""
+    args = load_tool().parse_args(["model.size=nano", "--steps", "3", "train.micro_batch=8", "--impl", "hf"])
+    assert args.overrides == ["model.size=nano", "train.micro_batch=8"] and args.steps == 3 and args.impl == "hf"
+
+
+def test_sweep_memory_needs_cuda(capsys):
+    tool = load_tool()
+    args = tool.parse_args(["--sweep-memory", *TINY])
+    assert tool.sweep_memory(args, "cpu", print) == 2
+    assert "needs CUDA" in capsys.readouterr().err
+
+
+def test_sweep_memory_orchestration(monkeypatch):
+    """The sweep's bookkeeping with the GPU runs replaced by a rule: what fits depends on checkpointing."""
+    tool = load_tool()
+    limits = {("largemim", 0): 48, ("largemim", 1): 200, ("hf", 0): 40, ("hf", 1): 150}
+
+    def fake_try(args, base, impl, ds, ckpt, batch):
+        if batch > limits[impl, ckpt]:
+            return None
+        return {"kind": "throughput", "zero_stage": 2 if impl == "largemim" else None, "peak_mem_gib": batch / 10}
+
+    monkeypatch.setattr(tool, "try_batch", fake_try)
+    records = []
+    args = tool.parse_args(["--sweep-memory", "--sweep-configs", "ds_configs/zero0.json,ds_configs/zero2.json", *TINY])
+    assert tool.sweep_memory(args, "cuda", records.append) == 0
+    assert len(records) == 2 * 2 + 2  # two JSONs x ckpt off/on for largemim, ckpt off/on for HF
+    for r in records:
+        limit = limits[r["impl"], r["grad_ckpt_every"]]
+        assert limit * (1 - args.sweep_resolution) <= r["max_micro_batch"] <= limit
+        assert r["peak_mem_gib"] == r["max_micro_batch"] / 10
+        assert "train.micro_batch=4" not in r["overrides"]  # the swept keys are the sweep's own
+
+    def broken_try(args, base, impl, ds, ckpt, batch):
+        raise tool.SweepError("largemim ckpt=0 batch 8: failed (exit 1)")
+
+    monkeypatch.setattr(tool, "try_batch", broken_try)
+    records.clear()
+    args = tool.parse_args(["--sweep-memory", "--impl", "largemim", "--sweep-configs", "ds_configs/zero2.json"])
+    assert tool.sweep_memory(args, "cuda", records.append) == 1
+    assert [r["error"] for r in records] == ["largemim ckpt=0 batch 8: failed (exit 1)"] * 2

@@ -1,0 +1,166 @@
+"""FastTrainAugment against the reference TrainAugment: same crops and flips, same pixels within JPEG-scaling error."""
+
+from __future__ import annotations
+
+import functools
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from largemim.data.augment import TrainAugment, crop_params
+from largemim.data.fast_decode import FastTrainAugment, dct_scale
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SIZE = 224
+WALLPAPERS = Path("/usr/share/wallpapers")
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth colour fields, sharp-edged shapes and fine grain: what makes a reduced JPEG decode differ."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (height // 64, width // 64, 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.int16)
+    img = img + rng.integers(-6, 7, (height, width, 3))
+    yy, xx = np.mgrid[0:height, 0:width]
+    for _ in range(25):
+        cx, cy, r = rng.integers(0, width), rng.integers(0, height), rng.integers(20, 200)
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.integers(0, 256, 3)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def to_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Undo the normalisation: back to 0..255."""
+    return (x * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)) * 255
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (to_pixels(a) - to_pixels(b)).pow(2).mean().item()
+    return 10 * np.log10(255**2 / max(mse, 1e-10))
+
+
+def assert_same_pixels(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """Equal but for rounding: torch and PIL round and clip the two resize passes' intermediate differently,
+    which moves pixels beside hard edges by up to ~15 levels (~0.5% of them on a black-and-white image)
+    and the rest by at most one."""
+    diff = (to_pixels(a) - to_pixels(b)).abs()
+    assert diff.mean() < 0.1 and (diff > 2.5).float().mean() < 0.01, f"{what}: mean {diff.mean():.3f}"
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return FastTrainAugment(SIZE, (0.2, 1.0), MEAN, STD), TrainAugment(SIZE, (0.2, 1.0), MEAN, STD)
+
+
+def large_jpegs() -> list[tuple[str, bytes]]:
+    images = [("synthetic", encode(photo_like(1600, 1200), "JPEG", quality=90))]
+    for name in ("Kite", "ColorfulCups"):  # real photos, where Debian's plasma-workspace-wallpapers is installed
+        path = WALLPAPERS / name / "contents" / "images" / "2560x1600.jpg"
+        if path.is_file():
+            images.append((name, path.read_bytes()))
+    return images
+
+
+def test_output_shape_dtype_and_range(pair):
+    fast, _ = pair
+    for data in (encode(photo_like(500, 375), "JPEG"), encode(photo_like(300, 200), "PNG")):
+        x = fast(data, np.random.default_rng(0))
+        assert x.shape == (3, SIZE, SIZE) and x.dtype == torch.float32 and x.is_contiguous()
+        px = to_pixels(x)
+        assert px.min() > -0.01 and px.max() < 255.01
+
+
+def test_dct_scale_never_upsamples():
+    assert dct_scale(224, 224, 224) == 1 and dct_scale(447, 2000, 224) == 1
+    assert dct_scale(448, 448, 224) == 2 and dct_scale(900, 1000, 224) == 4 and dct_scale(5000, 1800, 224) == 8
+    for w in range(100, 3000, 37):
+        s = dct_scale(w, w + 50, SIZE)
+        assert w / s >= SIZE or s == 1
+
+
+@pytest.mark.parametrize("name,data", [pytest.param(n, d, id=n) for n, d in large_jpegs()])
+def test_large_jpeg_matches_reference(pair, name, data):
+    fast, ref = pair
+    width, height = Image.open(io.BytesIO(data)).size
+    scales, scores = [], []
+    for seed in range(8):
+        _, _, h, w = crop_params(width, height, (0.2, 1.0), (3 / 4, 4 / 3), np.random.default_rng(seed))
+        scales.append(dct_scale(w, h, SIZE))
+        a, b = fast(data, np.random.default_rng(seed)), ref(data, np.random.default_rng(seed))
+        scores.append(psnr(a, b))
+        assert (to_pixels(a) - to_pixels(b)).abs().mean() < 3.0, f"{name} seed {seed}"
+    assert max(scales) >= 2, "the reduced-decode path was not exercised"
+    assert min(scores) > 30.0, f"{name}: PSNR {np.round(scores, 1)} dB"
+
+
+def test_full_size_decode_matches_reference_closely(pair):
+    """No DCT scaling (PNG, and small JPEGs): the only difference is the resize kernel's rounding."""
+    fast, ref = pair
+    for data in (encode(photo_like(640, 480), "PNG"), encode(photo_like(500, 375), "JPEG", quality=90)):
+        for seed in range(6):
+            a, b = fast(data, np.random.default_rng(seed)), ref(data, np.random.default_rng(seed))
+            assert_same_pixels(a, b, f"seed {seed}")
+
+
+@functools.cache
+def modes() -> dict[str, bytes]:
+    rgb = photo_like(384, 320, seed=3)
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgb.size))
+    palette_t = rgb.convert("P", palette=Image.ADAPTIVE, colors=64)
+    palette_t.info["transparency"] = 0
+    grey16 = Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257 + 100).astype(np.uint16))
+    return {
+        "L-png": encode(rgb.convert("L"), "PNG"),
+        "L-jpeg-large": encode(photo_like(1200, 1000, seed=4).convert("L"), "JPEG", quality=92),
+        "1-png": encode(rgb.convert("1", dither=Image.Dither.NONE), "PNG"),
+        "LA-png": encode(rgba.convert("LA"), "PNG"),
+        "RGBA-png": encode(rgba, "PNG"),
+        "P-png": encode(rgb.convert("P", palette=Image.ADAPTIVE, colors=64), "PNG"),
+        "P-transparent-png": encode(palette_t, "PNG"),
+        "CMYK-jpeg": encode(rgb.convert("CMYK"), "JPEG", quality=95),
+        "I;16-png": encode(grey16, "PNG"),
+        "RGB-webp": encode(rgb, "WEBP", lossless=True),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(modes()))
+def test_every_mode_matches_reference(pair, name):
+    fast, ref = pair
+    data = modes()[name]
+    for seed in range(3):
+        a, b = fast(data, np.random.default_rng(seed)), ref(data, np.random.default_rng(seed))
+        assert a.shape == b.shape == (3, SIZE, SIZE)
+        if name.endswith("-large"):
+            assert psnr(a, b) > 30.0
+        else:
+            assert_same_pixels(a, b, f"{name} seed {seed}")
+
+
+def test_crops_and_flips_are_the_reference_ones(pair):
+    """On a coordinate-coded image the output's mean colour gives the crop's centre and its gradient the flip."""
+    fast, ref = pair
+    width, height = 1800, 1400  # large enough for every DCT scale to occur
+    xx, yy = np.meshgrid(np.linspace(0, 255, width), np.linspace(0, 255, height))
+    coded = np.stack([xx, yy, np.full_like(xx, 128)], -1).round().astype(np.uint8)
+    data = encode(Image.fromarray(coded), "JPEG", quality=95)
+    fast_stats, ref_stats = [], []
+    for seed in range(40):
+        for aug, stats in ((fast, fast_stats), (ref, ref_stats)):
+            px = to_pixels(aug(data, np.random.default_rng(seed)))
+            flipped = (px[0, :, -1] - px[0, :, 0]).mean().item() < 0
+            stats.append((px[0].mean().item(), px[1].mean().item(), flipped))
+    fast_stats, ref_stats = np.array(fast_stats), np.array(ref_stats)
+    assert np.array_equal(fast_stats[:, 2], ref_stats[:, 2])
+    assert 0.2 < fast_stats[:, 2].mean() < 0.8
+    assert np.abs(fast_stats[:, :2] - ref_stats[:, :2]).max() < 1.0  # centre within 1/255 of the image
+    assert np.allclose(fast_stats[:, :2].std(0), ref_stats[:, :2].std(0), rtol=0.02)

@@ -1,0 +1,272 @@
+"""The shard writer on real images: counts, manifest, labels, bytes kept, determinism, resume, resize."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from largemim.data import augment
+from largemim.data.manifest import Manifest
+from largemim.data.shard_writer import (
+    IMAGE_KEYS,
+    WriteOptions,
+    plan_shards,
+    scan_folder,
+    scan_list,
+    scan_tars,
+    shard_keys,
+    write_shards,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST_TRAIN = REPO / "data" / "fashion_mnist" / "train"
+WALLPAPERS = Path("/usr/share/wallpapers")
+
+
+def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """Smooth colour fields plus fine texture: compresses and resizes like a photo, unlike flat noise."""
+    coarse = rng.integers(0, 256, (max(2, height // 32), max(2, width // 32), 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.int16)
+    img = img + rng.integers(-12, 13, (height, width, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """ImageNet's layout: 3 classes, 23 images in JPEG and PNG of varied sizes and modes."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    counts = {"n01_cat": 9, "n02_dog": 8, "n03_fish": 6}
+    for c, (name, n) in enumerate(counts.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            img = photo_like(rng, int(rng.integers(40, 120)), int(rng.integers(40, 120)))
+            if i % 3 == 0:
+                (root / name / f"img_{c}_{i}.png").write_bytes(encode(img.convert("L") if i % 2 else img, "PNG"))
+            else:
+                (root / name / f"img_{c}_{i}.JPEG").write_bytes(encode(img, "JPEG", quality=90))
+    (root / "empty_folder").mkdir()  # no images: not a class
+    (root / "n01_cat" / "notes.txt").write_text("not an image")
+    return root
+
+
+def read_samples(folder: Path) -> list[dict]:
+    """Every sample of the folder's shards, in manifest order, read by WebDataset itself."""
+    manifest = Manifest.load(folder)
+    urls = [str(folder / s.url) for s in manifest.shards]
+    return list(wds.tarfile_samples([{"url": u} for u in urls]))
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))}
+
+
+def test_image_keys_match_the_decoder():
+    assert IMAGE_KEYS == augment.IMAGE_KEYS
+
+
+def test_folder_counts_labels_manifest_and_bytes(image_folder: Path, tmp_path: Path):
+    source = scan_folder(image_folder)
+    assert source.classes == ["n01_cat", "n02_dog", "n03_fish"]
+    out = tmp_path / "shards"
+    manifest = write_shards(source, out, WriteOptions(prefix="train", samples_per_shard=5), progress=False)
+
+    assert [s.samples for s in manifest.shards] == [5, 5, 5, 5, 3]
+    assert [s.url for s in manifest.shards] == [f"train-{i:06d}.tar" for i in range(5)]
+    assert manifest.total_samples == 23 and Manifest.load(out).total_samples == 23
+    assert (out / "classes.txt").read_text().split() == source.classes
+    assert not list(out.glob("*.tmp"))
+    for s in manifest.shards:
+        assert len(shard_keys(out / s.url)) == s.samples
+
+    originals = {p.read_bytes(): source.classes.index(p.parent.name) for p in image_folder.rglob("img_*")}
+    samples = read_samples(out)
+    assert len(samples) == 23 and len({s["__key__"] for s in samples}) == 23
+    for s in samples:
+        image = s.get("jpg", s.get("png"))
+        assert image in originals, "image bytes must be copied unchanged"
+        assert int(s["cls"]) == originals.pop(image)
+        assert ("jpg" in s) == (Image.open(io.BytesIO(image)).format == "JPEG")
+    assert not originals
+    # shuffled: the classes are not in folder order along the shards
+    labels = [int(s["cls"]) for s in samples]
+    assert labels != sorted(labels)
+
+
+def test_same_seed_same_bytes_other_seed_other_order(image_folder: Path, tmp_path: Path):
+    source = scan_folder(image_folder)
+    for name, seed in (("a", 7), ("b", 7), ("c", 8), ("d", None)):
+        write_shards(source, tmp_path / name, WriteOptions(samples_per_shard=6, seed=seed, workers=2), progress=False)
+    assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
+    assert shard_bytes(tmp_path / "a") != shard_bytes(tmp_path / "c")
+    unshuffled = [int(s["cls"]) for s in read_samples(tmp_path / "d")]
+    assert unshuffled == sorted(unshuffled)
+    assert Counter(unshuffled) == Counter(int(s["cls"]) for s in read_samples(tmp_path / "c"))
+
+
+def test_size_limit(image_folder: Path, tmp_path: Path):
+    source = scan_folder(image_folder)
+    total = sum(m.size for s in source.samples for m in s.members)
+    limit_mb = total / 4 / 1e6 + 0.02  # a few shards
+    by_size = WriteOptions(samples_per_shard=None, shard_mb=limit_mb)
+    manifest = write_shards(source, tmp_path / "o", by_size, progress=False)
+    assert len(manifest.shards) >= 3 and manifest.total_samples == 23
+    for s in manifest.shards:
+        assert (tmp_path / "o" / s.url).stat().st_size <= limit_mb * 1e6
+    # both limits: whichever comes first
+    both = write_shards(source, tmp_path / "p", WriteOptions(samples_per_shard=2, shard_mb=limit_mb), progress=False)
+    assert all(s.samples <= 2 for s in both.shards) and both.total_samples == 23
+
+
+def test_plan_is_deterministic(image_folder: Path):
+    options = WriteOptions(samples_per_shard=4, seed=3)
+    a = plan_shards(scan_folder(image_folder).samples, options)
+    b = plan_shards(scan_folder(image_folder).samples, options)
+    assert a == b
+
+
+def test_resume_after_an_interrupted_write(image_folder: Path, tmp_path: Path):
+    source = scan_folder(image_folder)
+    options = WriteOptions(samples_per_shard=4, seed=1)
+    reference = tmp_path / "reference"
+    write_shards(source, reference, options, progress=False)
+
+    # Interrupt a write for real: a source file vanishes after the scan, so the shard that needs it fails.
+    out = tmp_path / "out"
+    plan = plan_shards(source.samples, options)
+    victim = Path(plan[3].samples[1][1].members[0].path)
+    saved = victim.read_bytes()
+    victim.unlink()
+    with pytest.raises(FileNotFoundError):
+        write_shards(source, out, options, progress=False)
+    victim.write_bytes(saved)
+    finished = sorted(p.name for p in out.glob("*.tar"))
+    assert finished == [plan[i].name for i in range(3)]  # one worker: shards 0-2 done, 3 left as .tmp
+    assert (out / (plan[3].name + ".tmp")).exists() and not (out / "manifest.json").exists()
+
+    # Also: a finished shard with the wrong samples (as from a crash before the plan file existed) is redone.
+    with tarfile.open(out / plan[1].name, "w") as tar:
+        info = tarfile.TarInfo("00000000.jpg")
+        tar.addfile(info, io.BytesIO(b""))
+    kept = {name: os.stat(out / name).st_ino for name in (plan[0].name, plan[2].name)}
+
+    manifest = write_shards(source, out, options, progress=False)
+    assert manifest.total_samples == 23
+    assert {name: os.stat(out / name).st_ino for name in kept} == kept, "finished shards must not be rewritten"
+    assert shard_bytes(out) == shard_bytes(reference)
+    assert not list(out.glob("*.tmp"))
+
+    # Running again once complete writes nothing; a different plan in the same folder is refused.
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    write_shards(source, out, options, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == before
+    other = WriteOptions(samples_per_shard=4, seed=2)
+    with pytest.raises(FileExistsError, match="different inputs or options"):
+        write_shards(source, out, other, progress=False)
+    write_shards(source, out, other, overwrite=True, progress=False)
+    assert shard_bytes(out) != shard_bytes(reference)
+
+
+def test_reshard_fashion_mnist_tars(tmp_path: Path):
+    urls = [str(FMNIST_TRAIN / f"train-00000{i}.tar") for i in (0, 1)]
+    source = scan_tars(urls)
+    assert len(source.samples) == 2000
+    manifest = write_shards(source, tmp_path / "fm", WriteOptions(samples_per_shard=300, workers=2), progress=False)
+    assert [s.samples for s in manifest.shards] == [300] * 6 + [200]
+    got = read_samples(tmp_path / "fm")
+    want = list(wds.tarfile_samples([{"url": u} for u in urls]))
+    assert Counter((s["png"], s["cls"]) for s in got) == Counter((s["png"], s["cls"]) for s in want)
+    assert all(set(s) == {"__key__", "__url__", "png", "cls"} for s in got)
+
+
+def test_file_list_with_named_and_numbered_labels(image_folder: Path, tmp_path: Path):
+    files = sorted(image_folder.rglob("img_*"))
+    named = tmp_path / "named.txt"
+    named.write_text("# path<TAB>label\n" + "".join(f"{p}\t{p.parent.name[4:]}\n" for p in files))
+    source = scan_list(named)
+    assert source.classes == ["cat", "dog", "fish"]
+    manifest = write_shards(source, tmp_path / "named", WriteOptions(samples_per_shard=10), progress=False)
+    assert manifest.total_samples == len(files)
+    by_bytes = {p.read_bytes(): p.parent.name[4:] for p in files}
+    for s in read_samples(tmp_path / "named"):
+        assert source.classes[int(s["cls"])] == by_bytes[s.get("jpg", s.get("png"))]
+
+    numbered = tmp_path / "sub" / "numbered.txt"  # relative paths are relative to the list's folder
+    numbered.parent.mkdir()
+    numbered.write_text("".join(f"{os.path.relpath(p, numbered.parent)}\t{40 + i % 2}\n" for i, p in enumerate(files)))
+    source = scan_list(numbered)
+    assert source.classes is None and {s.label for s in source.samples} == {40, 41}
+
+    unlabelled_mix = tmp_path / "mix.txt"
+    unlabelled_mix.write_text(f"{files[0]}\t1\n{files[1]}\n")
+    with pytest.raises(ValueError, match="label all or none"):
+        scan_list(unlabelled_mix)
+
+
+def test_resize_long_side(tmp_path: Path):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    big = photo_like(rng, 800, 600)
+    files = {
+        "big.jpg": encode(big, "JPEG", quality=92),
+        "big_rgba.png": encode(photo_like(rng, 300, 700).convert("RGBA"), "PNG"),
+        "big_grey.jpg": encode(big.convert("L"), "JPEG"),
+        "small.png": encode(photo_like(rng, 200, 150), "PNG"),
+        "edge.jpg": encode(photo_like(rng, 256, 100), "JPEG"),  # exactly the limit: kept
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    source = scan_folder(folder)
+    assert source.classes is None
+    write_shards(source, tmp_path / "o", WriteOptions(samples_per_shard=10, resize_long_side=256), progress=False)
+    samples = read_samples(tmp_path / "o")
+    assert len(samples) == 5 and all("cls" not in s for s in samples)
+    kept = [s for s in samples if s.get("jpg", s.get("png")) in files.values()]
+    assert sorted(s.get("jpg", s.get("png")) for s in kept) == sorted(files[n] for n in ("small.png", "edge.jpg"))
+    resized = [Image.open(io.BytesIO(s["jpg"])) for s in samples if s not in kept]
+    assert sorted((im.format, im.size, im.mode) for im in resized) == [
+        ("JPEG", (110, 256), "RGB"),
+        ("JPEG", (256, 192), "L"),
+        ("JPEG", (256, 192), "RGB"),
+    ]
+    colour = next(np.asarray(im, dtype=float) for im in resized if im.mode == "RGB" and im.size == (256, 192))
+    expected = np.asarray(big.resize((256, 192), Image.BICUBIC), dtype=float)
+    assert np.abs(colour - expected).mean() < 4.0  # the same picture, not just the same size
+
+
+@pytest.mark.skipif(not (WALLPAPERS / "Kite").is_dir(), reason="plasma-workspace-wallpapers not installed")
+def test_resize_real_photos(tmp_path: Path):
+    photos = [WALLPAPERS / n / "contents/images/1280x800.jpg" for n in ("Kite", "Path", "BytheWater")]
+    listing = tmp_path / "photos.txt"
+    listing.write_text("".join(f"{p}\n" for p in photos))
+    write_shards(scan_list(listing), tmp_path / "o", WriteOptions(resize_long_side=640), progress=False)
+    sizes = [Image.open(io.BytesIO(s["jpg"])).size for s in read_samples(tmp_path / "o")]
+    assert sizes == [(640, 400)] * 3
+
+
+def test_cli(image_folder: Path, tmp_path: Path):
+    cmd = [sys.executable, str(REPO / "tools" / "make_shards.py"), "--folder", str(image_folder)]
+    cmd += ["--out", str(tmp_path / "cli"), "--prefix", "val", "--samples-per-shard", "10", "--workers", "1"]
+    run = subprocess.run(cmd + ["--no-progress"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "3 shards, 23 samples" in run.stdout
+    assert [s.samples for s in Manifest.load(tmp_path / "cli").shards] == [10, 10, 3]
+    again = subprocess.run(cmd + ["--seed", "5", "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "--overwrite" in again.stderr

@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""Convert largemim checkpoints to and from other formats.
+
+  consolidate  run folder or checkpoint folder (any ZeRO stage) -> one fp32 MIM state dict
+               (.safetensors, or .pt)
+  to-timm      encoder -> timm VisionTransformer (folder for timm's local-dir:, or a .safetensors)
+  to-hf        whole MAE -> Hugging Face ViTMAEForPreTraining folder
+  to-official  whole MAE -> the reference MAE code's {'model': state_dict} .pth
+  import       reference-MAE .pth, timm ViT weights, a Hugging Face ViTMAE folder -> a largemim
+               .safetensors for model initialisation
+  inspect      what a run's newest checkpoint (or a checkpoint folder) holds, and whether it is complete
+
+SRC of to-* may be a run folder, a checkpoint folder, or any file the converters read. Torch pickles
+are opened weights-only; a file that needs a full unpickle is refused unless --trust-pickle is given.
+
+  python tools/convert_checkpoint.py consolidate runs/mae_base runs/mae_base/model.safetensors
+  python tools/convert_checkpoint.py to-timm runs/mae_base exports/vit_base_timm
+  python tools/convert_checkpoint.py to-hf runs/mae_base exports/vit_mae_base_hf
+  python tools/convert_checkpoint.py import mae_visualize_vit_base.pth weights/mae_base.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # conversion never needs a GPU
+
+from largemim.convert import (  # noqa: E402
+    IncompleteCheckpointError,
+    MIMArch,
+    UnsafePickleError,
+    consolidate,
+    load_init_weights,
+    save_weights,
+)
+from largemim.convert.weights_io import describe  # noqa: E402
+
+log = logging.getLogger("convert")
+
+
+def _source(args) -> tuple[dict, MIMArch]:
+    """Weights and architecture of SRC; --config supplies the architecture when SRC does not carry it."""
+    weights = load_init_weights(args.src, img_size=getattr(args, "img_size", None), trust_pickle=args.trust_pickle)
+    arch = weights.arch
+    if args.config:
+        from largemim.config import load_config
+
+        arch = MIMArch.from_config(load_config(args.config))
+    if arch is None:
+        raise SystemExit(f"{args.src} does not say its architecture (heads, mask ratio); pass --config "
+                         "RUN_DIR/config.yaml or the recipe it was trained with")  # fmt: skip
+    log.info("read %s (%s): %s", args.src, weights.source_format, describe(weights.state_dict))
+    return weights.state_dict, arch
+
+
+def cmd_consolidate(args) -> dict:
+    sd, arch = consolidate(args.src, trust_pickle=args.trust_pickle)
+    if args.config:
+        from largemim.config import load_config
+
+        arch = MIMArch.from_config(load_config(args.config), **(arch.info if arch else {}))
+    log.info("writing %s", args.out)
+    path = save_weights(sd, args.out, arch)
+    summary = {"written": str(path), "weights": describe(sd), "bytes": path.stat().st_size}
+    if arch is not None:
+        summary.update(step=arch.info.get("step"), zero_stage=arch.info.get("zero_stage"), size=arch.model.size)
+    return summary
+
+
+def cmd_to_timm(args) -> dict:
+    from largemim.convert.timm_format import export_timm
+
+    sd, arch = _source(args)
+    return export_timm(sd, arch, args.out)
+
+
+def cmd_to_hf(args) -> dict:
+    from largemim.convert.hf_vitmae import export_hf
+
+    sd, arch = _source(args)
+    if not any(k.startswith("decoder_") for k in sd):
+        raise SystemExit(f"{args.src} holds an encoder only; ViTMAEForPreTraining needs the decoder too")
+    return export_hf(sd, arch, args.out)
+
+
+def cmd_to_official(args) -> dict:
+    from largemim.convert.official_mae import save_official
+
+    sd, arch = _source(args)
+    return save_official(sd, args.out, epoch=args.epoch)
+
+
+def cmd_import(args) -> dict:
+    weights = load_init_weights(
+        args.src, args.img_size, args.trust_pickle, heads=args.heads, decoder_heads=args.decoder_heads
+    )
+    path = save_weights(weights.state_dict, args.out, weights.arch)
+    encoder_only = not any(not k.startswith("encoder.") for k in weights.state_dict)
+    return {"written": str(path), "source_format": weights.source_format, "weights": describe(weights.state_dict),
+            "encoder_only": encoder_only, "use": f"model.init_from={path}"}  # fmt: skip
+
+
+def cmd_inspect(args) -> dict:
+    from largemim.convert.consolidate import checkpoint_files, resolve_checkpoint
+
+    folder = resolve_checkpoint(args.src)
+    files = checkpoint_files(folder)
+    return {"checkpoint": str(folder), "step": files.step, "zero_stage": files.zero_stage,
+            "world_size": files.world_size, "complete": True,
+            "files": [f.name for f in files.model_files + files.optim_files],
+            "bytes": sum(f.stat().st_size for f in files.model_files + files.optim_files)}  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn, help_: str, out_help: str | None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("src", help="run folder, checkpoint folder, or weights file/folder")
+        if out_help:
+            p.add_argument("out", help=out_help)
+        p.add_argument("--trust-pickle", action="store_true",
+                       help="allow a full unpickle of torch files that the weights-only loader refuses "
+                            "(can run code from the file: only for files you trust)")  # fmt: skip
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("consolidate", cmd_consolidate, "ZeRO checkpoint -> one fp32 MIM state dict",
+            "output file: .safetensors (default format) or .pt")  # fmt: skip
+    p.add_argument("--config", help="YAML config giving the architecture, if the checkpoint lacks one")
+    for name, fn, help_, out_help in [
+        ("to-timm", cmd_to_timm, "encoder -> timm VisionTransformer", "output folder, or a .safetensors file"),
+        ("to-hf", cmd_to_hf, "MAE -> Hugging Face ViTMAEForPreTraining folder", "output folder"),
+        ("to-official", cmd_to_official, "MAE -> reference MAE {'model': ...} .pth", "output .pth file"),
+    ]:
+        p = add(name, fn, help_, out_help)
+        p.add_argument("--config", help="YAML config giving the architecture, if SRC lacks one")
+        if name == "to-official":
+            p.add_argument("--epoch", type=int, default=None, help="epoch to record in the file")
+    p = add("import", cmd_import, "reference MAE / timm / Hugging Face weights -> largemim .safetensors",
+            "output .safetensors (use it as model.init_from)")  # fmt: skip
+    p.add_argument("--img-size", type=int, default=None, help="resample a timm pos_embed to this resolution")
+    p.add_argument("--heads", type=int, default=None, help="encoder heads, if the size table cannot tell")
+    p.add_argument("--decoder-heads", type=int, default=None, help="decoder heads (MAE's 512-wide decoder: 16)")
+    add("inspect", cmd_inspect, "what a checkpoint holds and whether it is complete", None)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.time()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="[%(relativeCreated)7.0f ms] %(message)s")
+    try:
+        summary = args.fn(args)
+    except (IncompleteCheckpointError, UnsafePickleError, FileNotFoundError, ValueError) as e:
+        print(f"convert_checkpoint {args.command}: {e}", file=sys.stderr)
+        return 2
+    summary["seconds"] = round(time.time() - t0, 1)
+    width = max(len(k) for k in summary)
+    for k, v in summary.items():
+        print(f"{k:>{width}}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+case ":${PYTHONPATH:-}:" in
+  *:/tmp/site:*) ;;
+  *) echo "!! installing .whl/*.whl failed: deepspeed and friends may be missing"; export PYTHONPATH=/tmp/site:$PWD ;;
+esac
+# GPU check for issue 7 part 3: about 6 minutes on one H100/H200, run from the repository root with
+# .whl/ carried (deepspeed, timm, omegaconf, transformers and whatever of their dependencies the GPU
+# machine lacks). Every result is a JSON line in $OUT/bench.jsonl; each stage's full output is in
+# $OUT/<stage>.log and only its summary lines are printed here.
+#
+#   1. MAE ViT-L/16, 224 px, bf16, 300 timed steps on synthetic images, fused optimizer (DeepSpeed's
+#      FusedAdam if it JIT-compiles here, else torch's fused AdamW), then HF ViTMAE at the same batch.
+#   2. ViT-H/14 and 3. ViT-g/14: short timings, largemim and HF at the same batch.
+#   4./5. If time is left: ViT-L/16 with activation checkpointing on every block, and under ZeRO-3.
+#
+# Each stage runs under `timeout`, and a stage that would overrun the budget (BUDGET_S, default 330 s
+# after the install) is cut short or skipped, so one failure cannot eat the session.
+set -u
+OUT=${OUT:-$PWD/runs/gpu_check}
+mkdir -p "$OUT"
+J="$OUT/bench.jsonl"
+: >"$J"
+unset DS_ACCELERATOR  # this machine's CPU-only setting must not travel
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8 TOKENIZERS_PARALLELISM=false
+export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
+T0=$SECONDS
+BUDGET=${BUDGET_S:-330}
+
+nvidia-smi
+nvidia-smi --query-gpu=name,compute_cap,memory.total,clocks.max.sm,power.limit --format=csv
+python3 - <<'EOF'
+import importlib
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0),
+      "flash sdp", torch.backends.cuda.flash_sdp_enabled())
+for mod in ("deepspeed", "timm", "omegaconf", "transformers"):
+    try:
+        print(mod, importlib.import_module(mod).__version__)
+    except Exception as e:  # a missing wheel in .whl/: said here, not in the middle of a stage
+        print(mod, "NOT IMPORTABLE:", type(e).__name__, e)
+EOF
+
+IMPL=both
+if ! python3 -c "import transformers" 2>/dev/null; then
+  IMPL=largemim
+  echo "!! transformers is not importable: the HF comparison is skipped (add its wheels to .whl/)"
+fi
+
+# DeepSpeed's FusedAdam compiles on first use (nvcc + ninja); build for this GPU only, and fall back to
+# torch's fused AdamW if it cannot within 90 s.
+TORCH_CUDA_ARCH_LIST=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n1)
+export TORCH_CUDA_ARCH_LIST MAX_JOBS=16
+OPT=torch_fused
+if timeout --kill-after=5 90 python3 - >"$OUT/fusedadam.log" 2>&1 <<'EOF'
+import torch
+from deepspeed.ops.adam import FusedAdam
+
+p = torch.nn.Parameter(torch.zeros(1024, device="cuda"))
+opt = FusedAdam([p], lr=1e-3, adam_w_mode=True)
+p.grad = torch.ones_like(p)
+opt.step()
+torch.cuda.synchronize()
+assert p.abs().sum() > 0
+print("FusedAdam ok")
+EOF
+then
+  OPT=deepspeed
+fi
+echo "== optimizer: optim.impl=$OPT ($(tail -n1 "$OUT/fusedadam.log")), after $((SECONDS - T0)) s"
+
+stage() {  # stage NAME LIMIT_S benchmark-args...
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET - (SECONDS - T0)))
+  if ((left < 40)); then
+    echo "== $name: skipped, $left s of the budget left"
+    return 0
+  fi
+  ((limit > left)) && limit=$left
+  echo "== $name: limit $limit s, started at $((SECONDS - T0)) s"
+  timeout --kill-after=10 "$limit" python3 tools/benchmark.py --jsonl "$J" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  grep -E "img/s|ratio:|^benchmark:|Error|error:" "$OUT/$name.log" | grep -v Warning | tail -n 8
+  if ((rc != 0)); then
+    echo "   exit $rc; last lines:"
+    tail -n 15 "$OUT/$name.log"
+  fi
+  echo "== $name: exit $rc at $((SECONDS - T0)) s"
+  return $rc
+}
+
+LARGE=(model.size=large model.patch_size=16 train.micro_batch=256)
+common() { COMMON=(train.precision=bf16 "optim.impl=$OPT" ds_config=ds_configs/zero2.json model.img_size=224); }
+common
+
+# Flash attention is not forced (a refusal would lose the stage); each JSON line says in "flash_attn"
+# whether SDPA's flash kernel accepts this GPU, precision and both head sizes.
+stage L16 150 --impl "$IMPL" --steps 300 --warmup 20 "${COMMON[@]}" "${LARGE[@]}"
+rc=$?
+if ((rc != 0 && rc != 124 && rc != 137)) && [[ $OPT == deepspeed ]]; then  # failed, not timed out
+  echo "!! L16 failed with DeepSpeed's FusedAdam: again with torch's fused AdamW"
+  OPT=torch_fused
+  common
+  stage L16_torchadam 120 --impl "$IMPL" --steps 200 --warmup 10 "${COMMON[@]}" "${LARGE[@]}"
+fi
+stage H14 100 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" model.size=huge model.patch_size=14 \
+  train.micro_batch=128
+stage g14 120 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" model.size=giant model.patch_size=14 \
+  train.micro_batch=128
+stage L16_ckpt 60 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" "${LARGE[@]}" model.grad_ckpt_every=1
+stage L16_zero3 60 --impl largemim --steps 30 --warmup 5 "${COMMON[@]}" "${LARGE[@]}" ds_config=ds_configs/zero3.json
+
+echo "== done after $((SECONDS - T0)) s; $(wc -l <"$J") JSON lines in $J"
+python3 - "$J" <<'EOF'
+import json, sys
+
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+print(f"{'impl':>9} {'model':>10} {'ZeRO':>4} {'ckpt':>4} {'batch':>5} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'GiB':>6} flash  optimizer")
+for r in rows:
+    if r["kind"] == "throughput":
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"{r['impl']:>9} {r['size'] + '/' + str(r['patch']):>10} {str(r['zero_stage']):>4} {r['grad_ckpt_every']:>4} "
+              f"{r['micro_batch']:>5} {r['images_per_s']:>9.1f} {r['tflops']:>8.1f} {mfu:>6} {str(r['peak_mem_gib']):>6} "
+              f"{str(r['flash_attn']):>5}  {r['optimizer']}")
+    elif r["kind"] == "ratio":
+        print(f"{'ratio':>9} {r['size'] + '/' + str(r['patch']):>10}  largemim/HF images/s = {r['largemim_over_hf_images_per_s']}")
+    else:
+        print(r)
+EOF

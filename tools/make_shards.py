@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Write WebDataset tar shards (PREFIX-000000.tar, ...) and their manifest.json from images.
+
+Sources (one of):
+  --folder DIR   ImageNet's layout: one sub-folder per class (.cls = index in sorted order, names in
+                 classes.txt); a folder with no sub-folders gives unlabelled samples
+  --list FILE    one image path per line, optionally followed by <TAB>label (paths relative to FILE's folder)
+  --tars SHARDS  existing uncompressed shards to re-shard: a folder, or a pattern like
+                 /d/train-{000000..000099}.tar (all members of each sample are kept)
+
+The samples are shuffled with --seed, then cut into shards of --samples-per-shard samples and/or
+--shard-mb MB. Image bytes are copied as they are unless --resize-long-side is given. Running the same
+command again after an interruption keeps the finished shards and writes the rest.
+
+Example:
+  tools/make_shards.py --folder /data/imagenet/train --out /data/imagenet-wds/train --prefix train \\
+      --shard-mb 500 --workers 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from largemim.data.shard_writer import WriteOptions, scan_folder, scan_list, scan_tars, write_shards  # noqa: E402
+from largemim.data.sources import expand_shards  # noqa: E402
+
+
+def tar_urls(spec: str) -> list[str]:
+    path = Path(spec)
+    if path.is_dir():
+        urls = sorted(str(p) for p in path.glob("*.tar"))
+        if not urls:
+            raise SystemExit(f"{path} holds no .tar file")
+        return urls
+    return expand_shards(spec)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--folder", type=Path, help="image folder (class sub-folders = labels)")
+    src.add_argument("--list", type=Path, help="file list: path[<TAB>label] per line")
+    src.add_argument("--tars", help="folder or brace pattern of existing tar shards to re-shard")
+    ap.add_argument("--out", type=Path, required=True, help="output folder (one shard set per folder)")
+    ap.add_argument("--prefix", default="shard", help="shard names are PREFIX-000000.tar, ... (default: shard)")
+    ap.add_argument("--samples-per-shard", type=int, default=None, help="samples per shard (default 1000 if no MB)")
+    ap.add_argument("--shard-mb", type=float, default=None, help="close a shard before it passes this many MB")
+    ap.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    ap.add_argument("--no-shuffle", action="store_true", help="keep the source order")
+    ap.add_argument("--resize-long-side", type=int, default=None, help="scale larger images down to this long side")
+    ap.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded (resized) images")
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="writer processes")
+    ap.add_argument("--overwrite", action="store_true", help="replace PREFIX-*.tar written from another plan")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    if args.folder:
+        source = scan_folder(args.folder)
+    elif args.list:
+        source = scan_list(args.list)
+    else:
+        source = scan_tars(tar_urls(args.tars))
+    print(f"source: {source.description}", file=sys.stderr)
+    options = WriteOptions(
+        prefix=args.prefix,
+        samples_per_shard=args.samples_per_shard if args.samples_per_shard or args.shard_mb else 1000,
+        shard_mb=args.shard_mb,
+        seed=None if args.no_shuffle else args.seed,
+        resize_long_side=args.resize_long_side,
+        jpeg_quality=args.jpeg_quality,
+        workers=args.workers,
+    )
+    try:
+        manifest = write_shards(source, args.out, options, overwrite=args.overwrite, progress=not args.no_progress)
+    except (FileExistsError, ValueError) as exn:
+        raise SystemExit(f"error: {exn}") from None
+    print(f"{args.out}: {len(manifest.shards)} shards, {manifest.total_samples} samples")
+
+
+if __name__ == "__main__":
+    main()
