@@ -8,7 +8,11 @@ from torch import nn
 
 from largemim.config import Config, ConfigError
 from largemim.models.vit import ViTEncoder
+from largemim.objectives.beit import build_beit
+from largemim.objectives.data2vec import build_data2vec
+from largemim.objectives.dvae import build_dvae
 from largemim.objectives.mae import MAE, MAEDecoderSpec
+from largemim.objectives.simmim import build_simmim
 
 
 def _build_mae(cfg: Config, encoder: ViTEncoder, init: bool) -> nn.Module:
@@ -19,7 +23,13 @@ def _build_mae(cfg: Config, encoder: ViTEncoder, init: bool) -> nn.Module:
 
 # name -> builder(cfg, encoder, init); the built module's forward(images) returns a dict with "loss"
 # and it has init_weights() (called by the builder when init=True).
-OBJECTIVES: dict[str, Callable[[Config, ViTEncoder, bool], nn.Module]] = {"mae": _build_mae}
+OBJECTIVES: dict[str, Callable[[Config, ViTEncoder, bool], nn.Module]] = {
+    "mae": _build_mae,
+    "simmim": build_simmim,
+    "beit": build_beit,  # stage 2; reads the tokenizer file that a "dvae" run exports
+    "dvae": build_dvae,  # BEiT's stage 1: the tokenizer
+    "data2vec": build_data2vec,
+}
 
 
 def build_encoder(cfg: Config) -> ViTEncoder:

@@ -1,0 +1,98 @@
+"""An exponential moving average of one module's parameters into a twin (data2vec's teacher), in fp32,
+correct whether the parameters are whole (ZeRO 0-2) or partitioned across ranks (ZeRO-3).
+
+Why an fp32 master: a mixed-precision engine casts every parameter, frozen ones included, to bf16 or
+fp16, and an EMA step of (1 - 0.9999) x difference is far below half an ulp of a bf16 weight (8
+significant bits), so a 16-bit teacher would never move. The average is kept in an fp32 buffer (DeepSpeed
+keeps buffers in fp32 and never partitions them) and rounded into the teacher's weights after each update.
+
+Under ZeRO-3 each rank holds a flat, padded slice of every parameter (``param.ds_tensor``): the slice's
+bounds depend only on the number of elements, so a student and a teacher parameter of the same shape are
+cut identically and each rank updates its own slice with no communication; the master then holds only
+this rank's slices (1/N of the teacher) and, being a buffer, is saved in this rank's own model-states
+file. Parameters that ZeRO-3 keeps gathered between steps ("persistent", below
+``stage3_param_persistence_threshold``) are re-gathered from the updated slices.
+
+This is the only file of the objectives that touches DeepSpeed's parameter attributes (``ds_id``,
+``ds_tensor``, ``ds_status``, ``ds_persist``, ``partition``, ``all_gather``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def is_partitioned(p: nn.Parameter) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def local_part(p: nn.Parameter) -> torch.Tensor:
+    """The elements of ``p`` this rank holds, flat: its ZeRO-3 slice, or the whole parameter."""
+    return (p.ds_tensor if is_partitioned(p) else p.data).view(-1)
+
+
+def local_numel(params: Sequence[nn.Parameter]) -> int:
+    return sum(local_part(p).numel() for p in params)
+
+
+def check_twins(student: nn.Module, teacher: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """(student, teacher) parameter pairs, checked to have the same names, shapes and local slices."""
+    s, t = list(student.named_parameters()), list(teacher.named_parameters())
+    if [(n, p.shape) for n, p in s] != [(n, p.shape) for n, p in t]:
+        raise ValueError("the EMA teacher's parameters differ from the student's in names or shapes")
+    for (name, ps), (_, pt) in zip(s, t, strict=True):
+        if is_partitioned(ps) != is_partitioned(pt) or local_part(ps).shape != local_part(pt).shape:
+            raise ValueError(
+                f"{name}: the student's local slice {tuple(local_part(ps).shape)} and the teacher's "
+                f"{tuple(local_part(pt).shape)} differ; both must be built under the same ZeRO-3 partitioning"
+            )
+        if getattr(pt, "ds_secondary_tensor", None) is not None or hasattr(local_part(pt), "ds_quant_scale"):
+            raise NotImplementedError("EMA teacher with ZeRO++ (hpZ or quantized weights) is not supported")
+    return [(ps, pt) for (_, ps), (_, pt) in zip(s, t, strict=True)]
+
+
+@torch.no_grad()
+def ema_update(
+    master: torch.Tensor, pairs: Sequence[tuple[nn.Parameter, nn.Parameter]], decay: float, first: bool
+) -> None:
+    """master <- decay x master + (1 - decay) x student, then teacher <- master (rounded to its dtype).
+
+    ``master`` is the fp32 flat concatenation of the teacher's local parts; ``first`` fills it from the
+    teacher (which the objective initialised as a copy of the student) before the first update.
+    """
+    if master.dtype != torch.float32:
+        raise RuntimeError(
+            f"the EMA master is {master.dtype}, not fp32: this DeepSpeed casts buffers to the training dtype "
+            "(buffer_dtype set, or a DeepSpeed older than the one in requirements.txt); the teacher would not move"
+        )
+    expected = local_numel([t for _, t in pairs])
+    if master.numel() != expected:
+        raise RuntimeError(
+            f"the EMA master holds {master.numel()} elements but the teacher's local parts have {expected}: the "
+            "model was partitioned after it was built (build it under deepspeed.zero.Init for ZeRO-3)"
+        )
+    offset = 0
+    for s, t in pairs:
+        tp, sp = local_part(t), local_part(s)
+        view = master[offset : offset + tp.numel()]
+        offset += tp.numel()
+        if first:
+            view.copy_(tp)
+        view.lerp_(sp.to(device=view.device, dtype=torch.float32), 1.0 - decay)
+        tp.copy_(view)
+    _regather([t for _, t in pairs])
+
+
+def _regather(teacher: Sequence[nn.Parameter]) -> None:
+    """Under ZeRO-3, drop the stale whole copies of teacher parameters that are gathered right now and
+    gather the persistent ones again from their updated slices (every rank calls this: a collective)."""
+    gathered = [p for p in teacher if is_partitioned(p) and p.ds_status.name == "AVAILABLE"]
+    if not gathered:
+        return
+    gathered[0].partition(param_list=gathered)  # frees the whole copies; the slices already hold the update
+    persistent = [p for p in gathered if getattr(p, "ds_persist", False)]
+    if persistent:
+        persistent[0].all_gather(param_list=persistent)
