@@ -30,6 +30,7 @@ OWNED_KEYS = {
     "gradient_clipping": "optim.grad_clip",
     "bf16": "train.precision",
     "fp16": "train.precision",
+    "torch_autocast": "train.autocast",
     "optimizer": "optim.*",
     "scheduler": "optim.* and train.warmup_*",
 }
@@ -66,7 +67,9 @@ def full_ds_config(cfg: Config, plan: Plan, ds: dict) -> dict:
     out["train_batch_size"] = plan.global_batch
     if cfg.optim.grad_clip:
         out["gradient_clipping"] = cfg.optim.grad_clip
-    if cfg.train.precision == "bf16":
+    if cfg.train.precision == "bf16" and cfg.train.autocast:
+        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}  # fp32 weights, bf16 matmuls
+    elif cfg.train.precision == "bf16":
         out["bf16"] = {"enabled": True}
     elif cfg.train.precision == "fp16":
         # Dynamic loss scaling; fp16 at scale NaNs more often than bf16 (see README).
@@ -112,7 +115,7 @@ def build_model(cfg: Config, ds_json: dict) -> nn.Module:
     init_cfg = {
         "zero_optimization": ds_json["zero_optimization"],
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
-        "bf16": {"enabled": p == "bf16"},
+        "bf16": {"enabled": p == "bf16" and not cfg.train.autocast},
         "fp16": {"enabled": p == "fp16"},
     }
     with deepspeed.zero.Init(config_dict_or_path=init_cfg):

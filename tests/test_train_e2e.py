@@ -22,14 +22,21 @@ def _falling(metrics: dict[int, dict], steps: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "ds_config, precision",
-    [("zero0", "fp32"), ("zero1", "bf16"), ("zero2", "bf16"), ("zero3", "bf16"), ("zero3", "fp32")],
+    "ds_config, precision, autocast",
+    [
+        ("zero0", "fp32", False),
+        ("zero1", "bf16", False),
+        ("zero2", "bf16", False),
+        ("zero3", "bf16", False),
+        ("zero3", "fp32", False),
+        ("zero2", "bf16", True),
+        ("zero3", "bf16", True),
+    ],
 )
-def test_short_training_per_zero_stage(tmp_path, shard_set, ds_config, precision):
+def test_short_training_per_zero_stage(tmp_path, shard_set, ds_config, precision, autocast):
     run = tmp_path / "run"
-    run_trainer(
-        run, shard_set, [f"ds_config=ds_configs/{ds_config}.json", f"train.precision={precision}", "train.steps=12"]
-    )
+    over = [f"ds_config=ds_configs/{ds_config}.json", f"train.precision={precision}", f"train.autocast={autocast}"]
+    run_trainer(run, shard_set, [*over, "train.steps=12"])
     metrics = read_metrics(run)
     assert sorted(metrics) == list(range(1, 13))
     _falling(metrics, 12)
