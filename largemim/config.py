@@ -35,6 +35,9 @@ class ModelConfig:
     img_size: int = 224
     in_chans: int = 3
     grad_ckpt_every: int = 0  # checkpoint every k-th encoder block's activations; 0 = off
+    # Initial weights for a new run (ignored when the run folder holds a checkpoint): a largemim run or
+    # checkpoint folder, a converted .safetensors, a reference-MAE .pth, timm ViT weights, or a HF folder.
+    init_from: str = ""
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16

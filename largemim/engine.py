@@ -101,14 +101,29 @@ def choose_optimizer(cfg: Config, ds: dict) -> str:
     return impl
 
 
-def build_model(cfg: Config, ds_json: dict) -> nn.Module:
+def _init_from(model: nn.Module, cfg: Config, path: str) -> None:
+    """Overwrite the fresh initialisation with the weights at ``path`` (any format the converters read)."""
+    from largemim.convert.init_from import apply_init_weights, load_init_weights
+    from largemim.models.sizes import VIT_SIZES
+
+    m = cfg.model
+    weights = load_init_weights(path, img_size=m.img_size, heads=VIT_SIZES[m.size].heads, decoder_heads=m.decoder_heads)
+    untouched = apply_init_weights(model, weights)
+    log.info("initialised from %s; %d tensors kept their own initialisation%s", path, len(untouched),
+             f" (e.g. {untouched[0]})" if untouched else "")  # fmt: skip
+
+
+def build_model(cfg: Config, ds_json: dict, init_from: str = "") -> nn.Module:
     """Build the objective; under ZeRO-3 its parameters are created already partitioned across ranks
     (``zero.Init``), so a ViT-g never exists whole on one rank, and initialised gathered, rank 0's
-    values broadcast to all."""
+    values broadcast to all. ``init_from`` then overwrites the initialisation (a new run only)."""
     from largemim.objectives import build_objective
 
     if zero_stage(ds_json) < 3:
-        return build_objective(cfg)
+        model = build_objective(cfg)
+        if init_from:
+            _init_from(model, cfg, init_from)
+        return model
     # Precision goes in the config, not as dtype=: DeepSpeed 0.19.8's zero.Init ignores dtype= when a
     # config is given too and picks bf16 on a CPU (an operator-precedence slip in _set_dtype).
     p = cfg.train.precision
@@ -122,6 +137,8 @@ def build_model(cfg: Config, ds_json: dict) -> nn.Module:
         model = build_objective(cfg, init=False)
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
         model.init_weights()
+        if init_from:
+            _init_from(model, cfg, init_from)
     return model
 
 

@@ -80,7 +80,11 @@ def train(cfg: Config, env: DistEnv) -> dict:
         universal = ckpt.convert_to_universal(to_convert)
         ds_json = {**ds_json, "checkpoint": {**ds_json.get("checkpoint", {}), "load_universal": True}}
     torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg, ds_json)
+    init_from = cfg.model.init_from
+    if init_from and ckpt.latest() is not None:
+        log.info("model.init_from=%s ignored: resuming from the run folder's checkpoint", init_from)
+        init_from = ""
+    model = build_model(cfg, ds_json, init_from)
     engine = build_engine(model, cfg, plan, ds_json)
 
     data_state = {

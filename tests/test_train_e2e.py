@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -128,3 +129,23 @@ def test_resume_at_another_world_size_through_universal_checkpoint(tmp_path, sha
                 assert resumed[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-5), step
             else:  # one rank reads its batches from other shards: same trajectory within noise
                 assert resumed[step]["loss"] == pytest.approx(full[step]["loss"], rel=0.15), step
+
+
+def test_init_from_reference_mae_checkpoint(tmp_path, shard_set):
+    """A run started from another run's weights (exported to the reference MAE format) begins where it ended."""
+    first = tmp_path / "first"
+    run_trainer(first, shard_set, ["ds_config=ds_configs/zero2.json", "train.precision=fp32", "train.steps=6"])
+    exported = tmp_path / "mae.pth"
+    proc = subprocess.run(
+        [sys.executable, "tools/convert_checkpoint.py", "to-official", str(first), str(exported)],
+        cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = tmp_path / "second"
+    common = ["ds_config=ds_configs/zero3.json", "train.precision=fp32", "train.steps=2"]
+    out = run_trainer(second, shard_set, [*common, f"model.init_from={exported}"])
+    assert "initialised from" in out.stdout + out.stderr
+    scratch = tmp_path / "scratch"
+    run_trainer(scratch, shard_set, common)
+    # Starting from trained weights, the first loss is far below a fresh start's.
+    assert read_metrics(second)[1]["loss"] < 0.9 * read_metrics(scratch)[1]["loss"]
