@@ -13,6 +13,7 @@ import sys
 from largemim.config import ConfigError, load_config
 from largemim.distributed import init_distributed, teardown
 from largemim.run_log import setup_console
+from largemim.signals import catch_early
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        # SLURM signals every process of a step, possibly while this one is still starting: from here
+        # on a stop signal is recorded (and ignored in forked loader workers) until the loop takes over.
+        catch_early(list(cfg.checkpoint.stop_signals))
+    except (ConfigError, ValueError) as e:
         print(f"largemim: config error: {e}", file=sys.stderr)
         return 2
     env = init_distributed()

@@ -13,9 +13,14 @@ source "$VENV/bin/activate"
 stamp="$VENV/.largemim-installed"
 if [ ! -f "$stamp" ] || [ "$REPO/requirements.txt" -nt "$stamp" ] || [ "$REPO/pyproject.toml" -nt "$stamp" ]; then
   echo "[setup] installing requirements (torch comes from this machine's disk: about 2 minutes the first time)"
-  python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-  python -m pip install -q -r "$REPO/requirements.txt" 2>&1 | grep -v "^WARNING: Location" || true
-  python -m pip install -q --no-deps -e "$REPO" 2>&1 | grep -v "^WARNING: Location" || true
+  log="$VENV/install.log"
+  if ! { python -m pip install -q --upgrade pip &&
+         python -m pip install -q -r "$REPO/requirements.txt" &&
+         python -m pip install -q --no-deps -e "$REPO"; } >"$log" 2>&1; then
+    tail -n 30 "$log"
+    echo "[setup] install failed; the whole log is in $log"
+    exit 1
+  fi
   python -c "import torch, deepspeed, timm, webdataset, submitit, omegaconf" || { echo "[setup] install failed"; exit 1; }
   touch "$stamp"
 fi

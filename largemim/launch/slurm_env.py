@@ -1,0 +1,94 @@
+"""A Slurm task's view of its job: the process-group variables (from SLURM's) and the job's state.
+
+Every rank is one Slurm task (``srun`` starts ``nodes x tasks_per_node`` of them). The variables that
+``largemim.distributed.init_distributed`` reads are derived from SLURM's, as submitit's
+``TorchDistributedEnvironment`` does: RANK = SLURM_PROCID, LOCAL_RANK = SLURM_LOCALID, WORLD_SIZE =
+SLURM_NTASKS, MASTER_ADDR = the first host of SLURM_JOB_NODELIST, MASTER_PORT derived from the job id (so
+a requeued job, which keeps its id, uses the same port).
+
+GPUs: a task keeps the CUDA_VISIBLE_DEVICES Slurm gives it. With ``--gpus-per-node`` every task of a node
+sees all of the node's GPUs and LOCAL_RANK picks one (``torch.cuda.set_device(LOCAL_RANK)`` in
+``init_distributed``, and DeepSpeed does the same). A site that binds one GPU per task (``--gpu-bind``,
+``--gpus-per-task``) is caught here, before the process group, with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SlurmTask:
+    job_id: str
+    restarts: int  # how many times Slurm has requeued this job (SLURM_RESTART_COUNT; 0 on the first run)
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    nodes: tuple[str, ...]
+    master_addr: str
+    master_port: int
+
+
+def export_torch_env() -> SlurmTask:
+    """Set RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT for this task."""
+    from submitit import JobEnvironment
+    from submitit.helpers import TorchDistributedEnvironment
+
+    # overwrite=True: the submitting shell's variables travel with sbatch's --export=ALL; a launcher's
+    # RANK from there would be wrong here. A MASTER_PORT set there is kept (submitit reads it).
+    tde = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    job = JobEnvironment()
+    os.environ["NODE_RANK"] = str(job.node)
+    task = SlurmTask(
+        job_id=os.environ["SLURM_JOB_ID"],
+        restarts=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+        rank=tde.rank,
+        local_rank=tde.local_rank,
+        world_size=tde.world_size,
+        local_world_size=tde.local_world_size,
+        node_rank=job.node,
+        nodes=tuple(job.hostnames),
+        master_addr=tde.master_addr,
+        master_port=tde.master_port,
+    )
+    check_gpu_binding(task)
+    return task
+
+
+def check_gpu_binding(task: SlurmTask) -> None:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None or visible.strip() in ("", "NoDevFiles"):
+        return  # no GPUs in this job (or the CPU build): nothing to bind
+    n = len([d for d in visible.split(",") if d.strip()])
+    if n < task.local_world_size:
+        raise RuntimeError(
+            f"task {task.rank} sees {n} GPU(s) (CUDA_VISIBLE_DEVICES={visible}) but its node runs "
+            f"{task.local_world_size} tasks; every task of a node must see all of the node's GPUs (LOCAL_RANK picks "
+            "one). Request GPUs with --gpus-per-node and no --gpu-bind/--gpus-per-task, or pass "
+            "--sbatch-extra gpu-bind=none"
+        )
+
+
+def job_state(job_id: str) -> str:
+    """The job's state as slurmctld sees it now (RUNNING, COMPLETING, ...), or UNKNOWN."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "UNKNOWN"
+    for word in out.split():
+        if word.startswith("JobState="):
+            return word.split("=", 1)[1]
+    return "UNKNOWN"
+
+
+def requeue(job_id: str) -> None:
+    """Put this (running) job back in the queue: Slurm ends it now and starts it again with the same id."""
+    proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"'scontrol requeue {job_id}' failed ({proc.returncode}): {proc.stderr.strip()}")

@@ -1,0 +1,107 @@
+# Shared by slurm/torchrun.sbatch and slurm/deepspeed.sbatch (sourced, not run): rendezvous variables,
+# a signal-aware srun, and the requeue decision. Expects STOP_SIGNAL (e.g. USR1) and MAX_REQUEUES.
+#
+# The protocol, for a batch script submitted with  #SBATCH --signal=B:$STOP_SIGNAL@SECONDS  --requeue:
+#  1. Slurm sends STOP_SIGNAL to this batch shell only (B:), SECONDS before the time limit (or an admin /
+#     preemption script sends it with  scancel --batch --signal=USR1 JOBID).
+#  2. The trap forwards it with  scancel --signal=$STOP_SIGNAL $SLURM_JOB_ID : every process of the job's
+#     steps gets it (srun's tasks and all their children), not this shell. The per-node launcher
+#     (torchrun, deepspeed) was started with the signal ignored, so it keeps running; the ranks have
+#     their own handler (checkpoint.stop_signals), agree on a step, save it and exit 0; the launcher then
+#     exits 0 and srun returns.
+#  3. If the step ended cleanly after the signal, the job is still RUNNING (a cancel makes it COMPLETING)
+#     and it has been requeued fewer than MAX_REQUEUES times, this script runs  scontrol requeue : the
+#     same job id starts again and the trainer resumes from the run folder's newest complete checkpoint.
+# SIGTERM (scancel, the time limit itself, preemption) reaches the ranks from Slurm directly; they save
+# and stop too (SIGTERM is in the default checkpoint.stop_signals), and this script does not requeue.
+
+lm_log() {
+    echo "[largemim $(date +%H:%M:%S) job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}] $*"
+}
+
+# MASTER_ADDR: the first host of the allocation. MASTER_PORT: from the job id, so a requeued job (same id)
+# uses the same one, and two jobs sharing a node do not collide.
+lm_rendezvous() {
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+    export MASTER_ADDR MASTER_PORT
+}
+
+# OMP_NUM_THREADS (unless set): the task's CPUs shared by the node's ranks, at least 1.
+lm_threads() {
+    local ranks=$1 threads
+    threads=$((${SLURM_CPUS_PER_TASK:-$ranks} / ranks))
+    ((threads >= 1)) || threads=1
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads}
+}
+
+LM_SIGNALLED=""
+LM_TERMINATED=""
+LM_RESENDER=""
+
+_lm_forward() {
+    LM_SIGNALLED=1
+    lm_log "got SIG$STOP_SIGNAL: forwarding it to the ranks (they save after the current step and stop)"
+    scancel --signal="$STOP_SIGNAL" "$SLURM_JOB_ID"
+    # A rank still starting up has no handler yet and ignores the signal (it inherits the launcher's
+    # "ignore"): say it again every 30 s until the step ends.
+    if [[ -z $LM_RESENDER ]]; then
+        (while sleep 30; do scancel --signal="$STOP_SIGNAL" "$SLURM_JOB_ID" 2>/dev/null; done) &
+        LM_RESENDER=$!
+    fi
+}
+
+_lm_term() {
+    LM_TERMINATED=1
+    lm_log "got SIGTERM (cancel, time limit or preemption): the ranks save and stop; no requeue from here"
+}
+
+# lm_srun SRUN_ARGS... : run srun in the background and wait for it, handling the signals. Sets LM_STATUS.
+# (bash runs a trap only after the command it waits on returns, so srun must not run in the foreground,
+# and a wait interrupted by a trap has to be repeated.)
+lm_srun() {
+    trap _lm_forward "$STOP_SIGNAL"
+    trap _lm_term TERM
+    srun "$@" &
+    local pid=$! status
+    LM_STATUS=""
+    while :; do
+        wait "$pid"
+        status=$?
+        if ! kill -0 "$pid" 2>/dev/null; then
+            break
+        fi
+    done
+    wait "$pid" 2>/dev/null
+    LM_STATUS=$?
+    # 127: already collected by the wait above (srun ended on its own, not during a trap)
+    if [[ $LM_STATUS -eq 127 ]]; then LM_STATUS=$status; fi
+    if [[ -n $LM_RESENDER ]]; then kill "$LM_RESENDER" 2>/dev/null; fi
+    lm_log "srun exited with $LM_STATUS"
+}
+
+# lm_finish: requeue this job if it was asked to stop, stopped cleanly, is still RUNNING and is under the
+# cap; otherwise exit with srun's status.
+lm_finish() {
+    local state restarts
+    if [[ -z $LM_SIGNALLED || -n $LM_TERMINATED ]]; then
+        exit "$LM_STATUS"
+    fi
+    if [[ $LM_STATUS -ne 0 ]]; then
+        lm_log "the ranks exited with status $LM_STATUS after SIG$STOP_SIGNAL: not requeueing"
+        exit "$LM_STATUS"
+    fi
+    state=$(scontrol show job -o "$SLURM_JOB_ID" | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)
+    restarts=${SLURM_RESTART_COUNT:-0}
+    if [[ $state != RUNNING ]]; then
+        lm_log "the job is $state (cancelled or ended by Slurm): not requeueing"
+        exit 0
+    fi
+    if ((restarts >= MAX_REQUEUES)); then
+        lm_log "requeued $restarts times already (MAX_REQUEUES=$MAX_REQUEUES): not requeueing; submit again to continue"
+        exit 1
+    fi
+    lm_log "requeueing (requeue $((restarts + 1)) of at most $MAX_REQUEUES); the run resumes from its last checkpoint"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+}
