@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
@@ -169,5 +170,41 @@ class Checkpointer:
         if client is None:
             raise RuntimeError(f"checkpoint {source} could not be loaded (DeepSpeed returned nothing); see the log")
         client.setdefault("step", step)
+        if universal is not None:
+            restore_module_state(engine, folder)
         log.info("resumed from %s (step %d)%s", folder, step, " via its universal copy" if universal else "")
         return client
+
+
+def restore_module_state(engine, folder: Path) -> None:
+    """Put back what a universal load leaves out: buffers and frozen parameters (a dVAE's step counter,
+    data2vec's EMA teacher and its fp32 master), from the original checkpoint's module state.
+
+    DeepSpeed's universal format carries only the trained parameters and their optimizer state. Under
+    ZeRO 0-2 rank 0's model-states file holds the whole module, so its extra state is copied back; under
+    ZeRO-3 it is partitioned per rank and cannot be resharded, which is said in the log.
+    """
+    from largemim.convert.safe_load import load_torch
+
+    module = engine.module
+    extras = dict(module.named_buffers())
+    extras.update({n: p for n, p in module.named_parameters() if not p.requires_grad})
+    if not extras:
+        return
+    if engine.zero_optimization_stage() >= 3:
+        log.warning(
+            "ZeRO-3 at another world size: buffers and frozen parameters (%s) keep their initial values; an "
+            "EMA teacher restarts from the student", ", ".join(sorted(extras)[:4]),
+        )  # fmt: skip
+        return
+    saved = load_torch(folder / "mp_rank_00_model_states.pt").get("module", {})
+    restored = []
+    with torch.no_grad():
+        for name, tensor in extras.items():
+            value = saved.get(name)
+            if value is not None and value.shape == tensor.shape:
+                tensor.copy_(value.to(tensor.dtype))
+                restored.append(name)
+    missing = sorted(set(extras) - set(restored))
+    log.info("restored %d buffers/frozen tensors from %s%s", len(restored), folder,
+             f"; not in the checkpoint: {', '.join(missing[:4])}" if missing else "")  # fmt: skip

@@ -46,6 +46,9 @@ def main() -> None:
                         if step > run["resume_at"]:
                             shutil.rmtree(folder)
                 dist.barrier()
+                if run.get("resume_overrides"):
+                    again = [*run["overrides"], *run["resume_overrides"], f"run.dir={run_dir}"]
+                    cfg = load_config(run["recipe"], again)
                 summary = train(cfg, env)
                 if summary["start_step"] != run["resume_at"]:
                     raise RuntimeError(f"{run_dir} resumed from step {summary['start_step']}, not {run['resume_at']}")

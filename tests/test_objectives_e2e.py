@@ -31,13 +31,16 @@ ZERO3_NOTHING_PERSISTENT = {
 }  # every parameter partitioned between uses (the 224 px case), unlike zero3.json's tiny-model case
 
 
-def _run(recipe: str, run_dir: Path, shards: str, ds: str, precision: str, *extra: str, resume_at=None, steps=STEPS):
+def _run(
+    recipe: str, run_dir: Path, shards: str, ds: str, precision: str, *extra: str, resume_at=None, steps=STEPS,
+    resume_overrides=(),
+):  # fmt: skip
     overrides = [
         *TINY, f"data.shards={shards}", f"ds_config={ds}", f"train.precision={precision}", f"train.steps={steps}",
         f"checkpoint.every_steps={steps // 2}", f"log.image_every_steps={steps // 2}", *extra,
     ]  # fmt: skip
     return {"recipe": str(RECIPES / recipe), "run_dir": str(run_dir), "overrides": overrides, "resume_at": resume_at,
-            "steps": steps}  # fmt: skip
+            "steps": steps, "resume_overrides": list(resume_overrides)}  # fmt: skip
 
 
 def _launch(plan: list[dict], folder: Path, timeout: int = 900) -> None:
@@ -145,6 +148,9 @@ def test_beit_simmim_data2vec_under_zero2_and_zero3(tmp_path, shard_set, tokeniz
         "d2v_z1_bf16": _run("data2vec_tiny_cpu.yaml", tmp_path / "d2v1", shard_set, "ds_configs/zero1.json", "bf16",
                             *d2v, resume_at=4),
         "d2v_z3_fp32": _run("data2vec_tiny_cpu.yaml", tmp_path / "d2v3", shard_set, z3, "fp32", *d2v, resume_at=4),
+        # resumed through DeepSpeed's universal format: the teacher and its fp32 master come back too
+        "d2v_z2_fp32_universal": _run("data2vec_tiny_cpu.yaml", tmp_path / "d2v2u", shard_set, z2, "fp32", *d2v,
+                                      resume_at=4, resume_overrides=["checkpoint.load_universal=true"]),
         "d2v_z3_bf16_cold": _run("data2vec_tiny_cpu.yaml", tmp_path / "d2v3c", shard_set, str(ds3_cold), "bf16",
                                  *d2v, resume_at=4),
     }  # fmt: skip
