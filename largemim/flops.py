@@ -63,6 +63,7 @@ class FlopCount:
     patch_embed: int
     encoder: int  # the encoder's blocks
     decoder: int = 0  # an objective's head: for MAE the decoder's embedding, blocks and pixel predictor
+    no_grad: int = 0  # forward-only work per training step (data2vec's EMA teacher); counted once
 
     @property
     def forward(self) -> int:
@@ -70,7 +71,7 @@ class FlopCount:
 
     @property
     def train(self) -> int:
-        return 3 * self.forward
+        return 3 * self.forward + self.no_grad
 
 
 def encoder_forward_flops(cfg: Config, tokens: int | None = None) -> FlopCount:
@@ -105,8 +106,41 @@ def mae_forward_flops(cfg: Config) -> FlopCount:
     return FlopCount(patch_embed=enc.patch_embed, encoder=enc.encoder, decoder=decoder)
 
 
+def _hidden(cfg: Config) -> int:
+    num_patches, _ = _grid(cfg)
+    return num_patches - visible_patches(num_patches, cfg.objective.mask_ratio)
+
+
+def simmim_forward_flops(cfg: Config) -> FlopCount:
+    """All tokens through the encoder; a linear pixel head on every patch token."""
+    num_patches, patch_dim = _grid(cfg)
+    enc = encoder_forward_flops(cfg)
+    return FlopCount(enc.patch_embed, enc.encoder, linear_flops(num_patches, _size(cfg).width, patch_dim))
+
+
+def beit_forward_flops(cfg: Config) -> FlopCount:
+    """All tokens through the encoder; the vocabulary head on the hidden patches. The frozen dVAE
+    tokenizer's convolutions are not counted (they are not the ViT's model FLOPs)."""
+    enc = encoder_forward_flops(cfg)
+    return FlopCount(enc.patch_embed, enc.encoder, linear_flops(_hidden(cfg), _size(cfg).width, cfg.objective.vocab_size))
+
+
+def data2vec_forward_flops(cfg: Config) -> FlopCount:
+    """Student: all tokens (mask tokens included) and a linear regression head on the hidden patches;
+    teacher: one more full-image encoder forward, without backward."""
+    enc = encoder_forward_flops(cfg)
+    width = _size(cfg).width
+    return FlopCount(enc.patch_embed, enc.encoder, linear_flops(_hidden(cfg), width, width), no_grad=enc.forward)
+
+
 # objective name -> forward FLOPs per image; one line per objective, next to objectives.OBJECTIVES.
-FORWARD_FLOPS: dict[str, Callable[[Config], FlopCount]] = {"mae": mae_forward_flops}
+# ("dvae", a convolutional tokenizer, has none: its runs log no MFU.)
+FORWARD_FLOPS: dict[str, Callable[[Config], FlopCount]] = {
+    "mae": mae_forward_flops,
+    "simmim": simmim_forward_flops,
+    "beit": beit_forward_flops,
+    "data2vec": data2vec_forward_flops,
+}
 
 
 def forward_flops(cfg: Config) -> FlopCount:
