@@ -122,7 +122,9 @@ def beit_forward_flops(cfg: Config) -> FlopCount:
     """All tokens through the encoder; the vocabulary head on the hidden patches. The frozen dVAE
     tokenizer's convolutions are not counted (they are not the ViT's model FLOPs)."""
     enc = encoder_forward_flops(cfg)
-    return FlopCount(enc.patch_embed, enc.encoder, linear_flops(_hidden(cfg), _size(cfg).width, cfg.objective.vocab_size))
+    return FlopCount(
+        enc.patch_embed, enc.encoder, linear_flops(_hidden(cfg), _size(cfg).width, cfg.objective.vocab_size)
+    )
 
 
 def data2vec_forward_flops(cfg: Config) -> FlopCount:
