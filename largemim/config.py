@@ -83,6 +83,7 @@ class DataConfig:
     num_samples: int = 0  # samples per epoch; 0 = the manifests' total (manifest.json next to the shards)
     sampling: str = "resampled"  # resampled: shards drawn with replacement | exact: every shard once per epoch
     workers: int = 4  # loader processes per rank; 0 = load in the training process
+    lanes: int = 0  # sample streams per rank; 0 = one per worker. Set (e.g. 8) to resume with any workers dividing it
     shuffle_buffer: int = 2000
     decode: str = "fast"  # fast: crop chosen from the header, JPEG decoded at reduced scale | reference
     open_retries: int = 3  # attempts to open a shard URL before it is skipped
@@ -280,6 +281,8 @@ def make_plan(cfg: Config, world_size: int, num_samples: int) -> Plan:
     d = cfg.data
     if d.sampling not in ("resampled", "exact"):
         raise ConfigError(f"data.sampling={d.sampling!r} must be 'resampled' or 'exact'")
+    if d.lanes and d.lanes % max(1, d.workers):
+        raise ConfigError(f"data.lanes={d.lanes} must be a multiple of data.workers={d.workers} (or 0: one per worker)")
     if d.decode not in ("fast", "reference"):
         raise ConfigError(f"data.decode={d.decode!r} must be 'fast' or 'reference'")
     sets = [p for p in d.shards.split("::") if p.strip()]

@@ -60,7 +60,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
     plan = make_plan(cfg, env.world_size, num_samples)
     if cfg.data.sampling == "exact":
         try:
-            check_exact_split(len(urls), env.world_size, cfg.data.workers)
+            check_exact_split(len(urls), env.world_size, cfg.data.lanes or cfg.data.workers)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     run_dir = Path(cfg.run.dir)
@@ -89,7 +89,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
 
     data_state = {
         "micro_batches_per_epoch": plan.micro_batches_per_epoch,
-        "workers": cfg.data.workers,
+        "lanes": cfg.data.lanes or max(1, cfg.data.workers),
         "seed": cfg.run.seed,
         "shards": len(urls),
         "sampling": cfg.data.sampling,
@@ -119,7 +119,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
     )
     spec = StreamSpec(
         tuple(tuple(s) for s in sets), cfg.train.micro_batch, plan.micro_batches_per_epoch, env.rank,
-        env.world_size, cfg.run.seed, d.shuffle_buffer, d.sampling, tuple(d.weights), d.open_retries,
+        env.world_size, cfg.run.seed, d.shuffle_buffer, d.sampling, tuple(d.weights), d.open_retries, d.lanes,
     )  # fmt: skip
     loader = iter(build_train_loader(spec, augment, cfg.data.workers, start * ga, env.device.type == "cuda"))
     stopper = StopOnSignal(list(cfg.checkpoint.stop_signals), env.device)

@@ -15,9 +15,11 @@ from largemim.data.stream import ShardStream, StreamSpec, build_train_loader, ch
 AUG = FastTrainAugment(16, (0.2, 1.0), (0.5,) * 3, (0.5,) * 3)
 
 
-def spec(urls, rank=0, world=2, mb=8, per_epoch=7, seed=3, sampling="exact", sets=None, weights=(), retries=3):
+def spec(urls, rank=0, world=2, mb=8, per_epoch=7, seed=3, sampling="exact", sets=None, weights=(), retries=3, lanes=0):
     sets = sets or (tuple(urls),)
-    return StreamSpec(tuple(map(tuple, sets)), mb, per_epoch, rank, world, seed, 40, sampling, tuple(weights), retries)
+    return StreamSpec(
+        tuple(map(tuple, sets)), mb, per_epoch, rank, world, seed, 40, sampling, tuple(weights), retries, lanes
+    )
 
 
 def take(urls, n, start=0, workers=0, aug=AUG, **kw):
@@ -47,6 +49,21 @@ def test_resume_gives_identical_batch_stream(shard_set, workers, sampling):
             assert torch.equal(a.images, b.images)
 
 
+@pytest.mark.parametrize("sampling", ["exact", "resampled"])
+def test_with_lanes_set_the_stream_does_not_depend_on_the_worker_count(shard_set, sampling):
+    """data.lanes=4: the same batches from 0, 1, 2 or 4 workers, and a resume may change the count."""
+    urls = expand_shards(shard_set)
+    ref = take(urls, 16, workers=0, sampling=sampling, lanes=4)
+    assert [b.index for b in ref] == list(range(16))
+    for workers in (2, 4):
+        other = take(urls, 16, workers=workers, sampling=sampling, lanes=4)
+        assert all(torch.equal(a.images, b.images) for a, b in zip(ref, other, strict=True)), workers
+    resumed = take(urls, 7, start=9, workers=2, sampling=sampling, lanes=4)  # e.g. stopped with 4 workers
+    assert all(torch.equal(a.images, b.images) for a, b in zip(ref[9:], resumed, strict=True))
+    with pytest.raises(ValueError, match="data.lanes=4 must be a multiple of data.workers=3"):
+        take(urls, 1, workers=3, lanes=4)
+
+
 def test_epochs_differ_and_ranks_differ(shard_set):
     urls = expand_shards(shard_set)
     r0, r1 = take(urls, 14, rank=0), take(urls, 14, rank=1)
@@ -57,7 +74,7 @@ def test_epochs_differ_and_ranks_differ(shard_set):
 def test_exact_mode_deals_disjoint_shards_and_no_one_hangs(shard_set):
     urls = expand_shards(shard_set)
     deal = [
-        ShardStream(spec(urls, rank=r), AUG).shards_for(epoch=0, lane=w, workers=2) for r in range(2) for w in range(2)
+        ShardStream(spec(urls, rank=r), AUG).shards_for(epoch=0, lane=w, lanes=2) for r in range(2) for w in range(2)
     ]
     flat = [u for s in deal for u in s]
     assert len(flat) == len(set(flat)) == 5 and all(deal)
@@ -71,7 +88,7 @@ def test_exact_mode_deals_disjoint_shards_and_no_one_hangs(shard_set):
 
 def test_exact_mode_with_too_few_shards_says_how_many_are_needed():
     check_exact_split(8, 2, 4)
-    with pytest.raises(ValueError, match=r"2 ranks x 4 workers = 8 shards, but the set has 5"):
+    with pytest.raises(ValueError, match=r"2 ranks x 4 lanes = 8 shards, but the set has 5"):
         check_exact_split(5, 2, 4)
 
 

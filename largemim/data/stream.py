@@ -4,13 +4,15 @@ Stages, per (rank, loader worker):
   shards -> this epoch's share -> samples (tar members grouped by key) -> seeded shuffle buffer
   -> skip what a resumed run already consumed -> decode + augment -> batch.
 
-A rank's data is split into ``workers`` lanes: micro-batch ``b`` is made from lane ``b % workers``'s
-sample stream. Every shuffle and every crop draws from an RNG seeded by (seed, epoch, rank, lane[,
-sample]), so a batch's content is a function of the config and ``b`` alone. A DataLoader with
-``batch_size=None`` takes items from its workers in turn, starting with worker 0, so worker ``w``
-serves lane ``(start + w) % workers``; resuming at micro-batch ``start`` restarts each lane at its own
-next batch, skipping the samples it had consumed without decoding them. The same number of workers
-must be used after a resume (it is saved in the checkpoint and checked).
+A rank's data is split into ``L`` lanes (``data.lanes``, default one per loader worker): micro-batch
+``b`` is made from lane ``b % L``'s sample stream. Every shuffle and every crop draws from an RNG seeded
+by (seed, epoch, rank, lane[, sample]), so a batch's content is a function of the config, ``L`` and
+``b`` alone, not of the number of workers. A DataLoader with ``batch_size=None`` takes items from its
+``W`` workers in turn, starting with worker 0, so worker ``w`` serves batches ``start + w + kW``; with
+``W`` dividing ``L`` these are exactly the batches of lanes ``(start + w) % W (mod W)``, so each lane is
+read by one worker only. Resuming at micro-batch ``start`` restarts each lane at its own next batch,
+skipping the samples it had consumed without decoding them; with ``data.lanes`` set, a run may resume
+with any number of workers that divides it.
 
 Two ways to choose shards (``data.sampling``):
 
@@ -68,20 +70,21 @@ class StreamSpec:
     sampling: str = "resampled"
     weights: tuple[float, ...] = field(default_factory=tuple)  # per set; empty = proportional to shard count
     open_retries: int = 3
+    lanes: int = 0  # sample streams per rank; 0 = one per loader worker (a multiple of the workers otherwise)
 
     @property
     def urls(self) -> tuple[str, ...]:
         return tuple(u for s in self.sets for u in s)
 
 
-def check_exact_split(num_shards: int, world_size: int, workers: int) -> None:
+def check_exact_split(num_shards: int, world_size: int, lanes_per_rank: int) -> None:
     """Exact epochs deal whole shards to ranks x lanes: there must be at least one shard per lane."""
-    lanes = world_size * max(1, workers)
+    lanes = world_size * max(1, lanes_per_rank)
     if num_shards < lanes:
         raise ValueError(
             f"data.sampling=exact needs at least one shard per loader lane: {world_size} ranks x "
-            f"{max(1, workers)} workers = {lanes} shards, but the set has {num_shards}. Write more, smaller "
-            "shards (tools/make_shards.py), lower data.workers, or use data.sampling=resampled"
+            f"{max(1, lanes_per_rank)} lanes = {lanes} shards, but the set has {num_shards}. Write more, smaller "
+            "shards (tools/make_shards.py), lower data.workers (or data.lanes), or use data.sampling=resampled"
         )
 
 
@@ -97,6 +100,16 @@ class _SkipCounter:
         return True
 
 
+@dataclass
+class _LaneCursor:
+    """Where one lane's sample stream stands: its epoch, the samples read, the batch it is ready for."""
+
+    epoch: int
+    samples: Iterator[dict]
+    position: int
+    next_batch: int
+
+
 class ShardStream(IterableDataset):
     def __init__(self, spec: StreamSpec, augment: TrainAugment, start_batch: int = 0):
         super().__init__()
@@ -105,14 +118,14 @@ class ShardStream(IterableDataset):
         self._dead: set[str] = set()  # URLs that never opened
 
     # -- which shards a (rank, worker) reads in an epoch
-    def shards_for(self, epoch: int, lane: int, workers: int) -> list[str]:
+    def shards_for(self, epoch: int, lane: int, lanes: int) -> list[str]:
         s = self.spec
         order = list(s.urls)
         random.Random(f"{s.seed}-shards-{epoch}").shuffle(order)
-        slots = s.world_size * workers
-        slot = s.rank * workers + lane
+        slots = s.world_size * lanes
+        slot = s.rank * lanes + lane
         mine = order[slot::slots]
-        if not mine:  # fewer shards than ranks x workers: share shards rather than hang
+        if not mine:  # fewer shards than ranks x lanes: share shards rather than hang
             mine = [order[slot % len(order)]]
         return mine
 
@@ -137,7 +150,7 @@ class ShardStream(IterableDataset):
         files = wds.tariterators.tar_file_expander(self._open(urls), handler=self._errors)
         return wds.tariterators.group_by_keys(files, handler=self._errors)
 
-    def _shard_order(self, epoch: int, lane: int, workers: int, set_index: int) -> Iterator[str]:
+    def _shard_order(self, epoch: int, lane: int, lanes: int, set_index: int) -> Iterator[str]:
         """The endless sequence of shards a lane reads in an epoch (from one set, when mixing)."""
         s = self.spec
         if s.sampling == "resampled":
@@ -145,13 +158,13 @@ class ShardStream(IterableDataset):
             rng = random.Random(f"{s.seed}-resample-{epoch}-{s.rank}-{lane}-{set_index}")
             while True:
                 yield urls[rng.randrange(len(urls))]
-        shards = self.shards_for(epoch, lane, workers)
+        shards = self.shards_for(epoch, lane, lanes)
         for cycle in range(1 << 30):  # exact: this lane's deal, re-read in a new order if it runs short
             order = list(shards)
             random.Random(f"{s.seed}-cycle-{epoch}-{s.rank}-{lane}-{cycle}").shuffle(order)
             yield from order
 
-    def _endless(self, epoch: int, lane: int, workers: int, set_index: int) -> Iterator[dict]:
+    def _endless(self, epoch: int, lane: int, lanes: int, set_index: int) -> Iterator[dict]:
         """Samples of the lane's shard sequence; a clear error (never a silent spin) when shard after
         shard yields nothing."""
         empty_in_a_row = [0]
@@ -166,18 +179,18 @@ class ShardStream(IterableDataset):
                 empty_in_a_row[0] += 1
                 yield url
 
-        for sample in self._samples_of(counted(self._shard_order(epoch, lane, workers, set_index))):
+        for sample in self._samples_of(counted(self._shard_order(epoch, lane, lanes, set_index))):
             empty_in_a_row[0] = 0
             yield sample
 
-    def _raw_samples(self, epoch: int, lane: int, workers: int) -> Iterator[dict]:
+    def _raw_samples(self, epoch: int, lane: int, lanes: int) -> Iterator[dict]:
         """A lane's samples of an epoch, mixed across sets by weight, shuffled; endless."""
         s = self.spec
         if len(s.sets) == 1 or s.sampling == "exact":
-            mixed = self._endless(epoch, lane, workers, 0)
+            mixed = self._endless(epoch, lane, lanes, 0)
         else:
             weights = list(s.weights) if s.weights else [len(u) for u in s.sets]
-            streams = [self._endless(epoch, lane, workers, i) for i in range(len(s.sets))]
+            streams = [self._endless(epoch, lane, lanes, i) for i in range(len(s.sets))]
             rng = random.Random(f"{s.seed}-mix-{epoch}-{s.rank}-{lane}")
             mixed = (next(streams[rng.choices(range(len(streams)), weights)[0]]) for _ in iter(int, 1))
         rng = random.Random(f"{s.seed}-shuffle-{epoch}-{s.rank}-{lane}")
@@ -193,46 +206,58 @@ class ShardStream(IterableDataset):
             self._errors(ValueError(f"{sample.get('__url__')}: sample {sample.get('__key__')!r}: {exn}"))
             return None
 
+    def _lane_batches_before(self, lane: int, b: int, lanes: int) -> int:
+        """How many of ``lane``'s batches come before batch ``b`` in b's epoch (skipped undecoded on resume)."""
+        per_epoch = self.spec.micro_batches_per_epoch
+        epoch, offset = divmod(b, per_epoch)
+        first = (lane - epoch * per_epoch) % lanes
+        return 0 if offset <= first else (offset - first - 1) // lanes + 1
+
+    def _batch(self, b: int, cursor: _LaneCursor, lane: int) -> Batch:
+        s = self.spec
+        rng = lambda: np.random.default_rng([s.seed, cursor.epoch, s.rank, lane, cursor.position])  # noqa: E731
+        skipped_before = self._errors.count
+        images = []
+        for _ in range(s.micro_batch):  # a batch is always micro_batch raw samples: exact resume
+            images.append(self._decode(next(cursor.samples), rng()))
+            cursor.position += 1
+        good = [im for im in images if im is not None]
+        extra = 0
+        while not good:  # a whole batch undecodable: read on (the rare case resume cannot replay)
+            if extra >= 16 * s.micro_batch:
+                raise RuntimeError(
+                    f"{s.micro_batch + extra} samples in a row could not be decoded (see the warnings); "
+                    "check data.shards"
+                )
+            image = self._decode(next(cursor.samples), rng())
+            cursor.position += 1
+            extra += 1
+            good = [image] if image is not None else []
+        # An undecodable sample's place is taken by a good one of the same batch.
+        images = [im if im is not None else good[i % len(good)] for i, im in enumerate(images)]
+        return Batch(b, torch.stack(images), self._errors.count - skipped_before)
+
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         s = self.spec
-        per_epoch = s.micro_batches_per_epoch
-        b = self.start_batch + worker  # the first batch this worker serves
-        lane = b % workers
+        lanes = s.lanes or workers
+        if lanes % workers:
+            raise ValueError(f"data.lanes={lanes} must be a multiple of data.workers={workers}")
+        cursors: dict[int, _LaneCursor] = {}
+        b = self.start_batch + worker  # the first batch this worker serves; then every workers-th
         while True:
-            epoch, offset = divmod(b, per_epoch)
-            # how many of this lane's batches come earlier in the epoch: they are skipped undecoded
-            first = (lane - epoch * per_epoch) % workers
-            done = 0 if offset <= first else (offset - first - 1) // workers + 1
-            samples = self._raw_samples(epoch, lane, workers)
-            position = 0
-            for _ in range(done * s.micro_batch):
-                next(samples)
-                position += 1
-            while b // per_epoch == epoch:
-                skipped_before = self._errors.count
-                images = []
-                for _ in range(s.micro_batch):  # a batch is always micro_batch raw samples: exact resume
-                    image = self._decode(next(samples), np.random.default_rng([s.seed, epoch, s.rank, lane, position]))
-                    position += 1
-                    images.append(image)
-                good = [im for im in images if im is not None]
-                extra = 0
-                while not good:  # a whole batch undecodable: read on (the rare case resume cannot replay)
-                    if extra >= 16 * s.micro_batch:
-                        raise RuntimeError(
-                            f"{s.micro_batch + extra} samples in a row could not be decoded (see the warnings); "
-                            "check data.shards"
-                        )
-                    image = self._decode(next(samples), np.random.default_rng([s.seed, epoch, s.rank, lane, position]))
-                    position += 1
-                    extra += 1
-                    good = [image] if image is not None else []
-                # An undecodable sample's place is taken by a good one of the same batch.
-                images = [im if im is not None else good[i % len(good)] for i, im in enumerate(images)]
-                yield Batch(b, torch.stack(images), self._errors.count - skipped_before)
-                b += workers
+            epoch, lane = b // s.micro_batches_per_epoch, b % lanes
+            cursor = cursors.get(lane)
+            if cursor is None or cursor.epoch != epoch or cursor.next_batch != b:
+                skip = self._lane_batches_before(lane, b, lanes) * s.micro_batch
+                samples = self._raw_samples(epoch, lane, lanes)
+                for _ in range(skip):
+                    next(samples)
+                cursor = cursors[lane] = _LaneCursor(epoch, samples, skip, b)
+            yield self._batch(b, cursor, lane)
+            cursor.next_batch = b + lanes  # this lane's next batch (the next epoch's deal if past the end)
+            b += workers
 
 
 def build_train_loader(spec: StreamSpec, augment: TrainAugment, workers: int, start_batch: int, pin: bool):
