@@ -88,3 +88,14 @@ def init_linear_and_norm(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+@torch.no_grad()
+def init_mim_weights(model: nn.Module) -> None:
+    """MAE's initialisation, shared by every ViT objective: xavier-uniform linears and unit norms, the
+    encoder's own (sin-cos positions, patch projection as a linear, class token), and a normal(0.02)
+    mask token if the objective has one. Objectives add their extra state after this."""
+    model.apply(init_linear_and_norm)
+    model.encoder.init_weights()
+    if isinstance(getattr(model, "mask_token", None), nn.Parameter):
+        nn.init.normal_(model.mask_token, std=0.02)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from largemim.config import Config, ConfigError
-from largemim.models.vit import ViTEncoder, init_linear_and_norm
+from largemim.models.vit import ViTEncoder, init_mim_weights
 from largemim.objectives.dvae import DVAE, TokenizerMeta, file_id, load_tokenizer, read_tokenizer_meta
 from largemim.objectives.mask_token import embed_with_mask_token
 from largemim.objectives.masking import MaskGenerator
@@ -99,9 +99,7 @@ class BEiT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        self.apply(init_linear_and_norm)
-        self.encoder.init_weights()
-        nn.init.normal_(self.mask_token, std=0.02)
+        init_mim_weights(self)
         self.tokenizer_id.fill_(self.tokenizer.id)
 
     def no_weight_decay(self) -> set[str]:

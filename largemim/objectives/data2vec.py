@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from largemim.config import Config
-from largemim.models.vit import ViTEncoder, init_linear_and_norm
+from largemim.models.vit import ViTEncoder, init_mim_weights
 from largemim.objectives.ema import check_twins, ema_update, local_numel
 from largemim.objectives.mask_token import embed_with_mask_token
 from largemim.objectives.masking import MaskGenerator
@@ -69,9 +69,7 @@ class Data2Vec(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        self.apply(init_linear_and_norm)
-        self.encoder.init_weights()
-        nn.init.normal_(self.mask_token, std=0.02)
+        init_mim_weights(self)
         for s, t in zip(self.encoder.parameters(), self.teacher.parameters(), strict=True):
             t.copy_(s)  # the teacher starts as the student
         self.ema_updates.zero_()  # the master is filled from the teacher at the first update

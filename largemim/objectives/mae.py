@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from largemim.models.pos_embed import sincos_2d
-from largemim.models.vit import LayerNorm, ViTEncoder, init_linear_and_norm, make_blocks
+from largemim.models.vit import LayerNorm, ViTEncoder, init_mim_weights, make_blocks
 from largemim.objectives.masking import random_masking_ids
 
 
@@ -67,10 +67,8 @@ class MAE(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        self.apply(init_linear_and_norm)
-        self.encoder.init_weights()
+        init_mim_weights(self)
         self.decoder_pos_embed.copy_(sincos_2d(self.decoder_pos_embed.shape[-1], self.encoder.grid_size).unsqueeze(0))
-        nn.init.normal_(self.mask_token, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"mask_token", "decoder_pos_embed"}

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from largemim.config import Config
-from largemim.models.vit import ViTEncoder, init_linear_and_norm
+from largemim.models.vit import ViTEncoder, init_mim_weights
 from largemim.objectives.mae import patchify, unpatchify
 from largemim.objectives.mask_token import embed_with_mask_token
 from largemim.objectives.masking import MaskGenerator
@@ -35,9 +35,7 @@ class SimMIM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        self.apply(init_linear_and_norm)
-        self.encoder.init_weights()
-        nn.init.normal_(self.mask_token, std=0.02)
+        init_mim_weights(self)
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"mask_token"}
