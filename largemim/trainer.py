@@ -58,9 +58,10 @@ def train(cfg: Config, env: DistEnv) -> dict:
     urls = [u for s in sets for u in s]
     num_samples = cfg.data.num_samples or count_samples(urls)
     plan = make_plan(cfg, env.world_size, num_samples)
+    lanes = cfg.data.lanes or max(1, cfg.data.workers)  # sample streams per rank (see data/stream.py)
     if cfg.data.sampling == "exact":
         try:
-            check_exact_split(len(urls), env.world_size, cfg.data.lanes or cfg.data.workers)
+            check_exact_split(len(urls), env.world_size, lanes)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     run_dir = Path(cfg.run.dir)
@@ -89,7 +90,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
 
     data_state = {
         "micro_batches_per_epoch": plan.micro_batches_per_epoch,
-        "lanes": cfg.data.lanes or max(1, cfg.data.workers),
+        "lanes": lanes,
         "seed": cfg.run.seed,
         "shards": len(urls),
         "sampling": cfg.data.sampling,
@@ -99,7 +100,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
     if client is not None:
         start = int(client["step"])
         saved = client.get("data", {})
-        changed = {k: (saved.get(k), v) for k, v in data_state.items() if k != "position" and saved.get(k) != v}
+        changed = {k: (saved.get(k), v) for k, v in data_state.items() if saved.get(k) != v}
         if changed:
             log.warning("data settings changed since the checkpoint %s: the batch stream will differ", changed)
     ga = plan.grad_accum
