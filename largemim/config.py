@@ -85,7 +85,9 @@ class DataConfig:
     workers: int = 4  # loader processes per rank; 0 = load in the training process
     lanes: int = 0  # sample streams per rank; 0 = one per worker. Set (e.g. 8) to resume with any workers dividing it
     shuffle_buffer: int = 2000
-    decode: str = "fast"  # fast: crop chosen from the header, JPEG decoded at reduced scale | reference
+    # fast: crop chosen from the header, JPEG decoded at reduced scale in the workers | reference: full PIL
+    # decode | device: JPEGs decoded, cropped and resized on the training GPU (nvJPEG), see data/device_decode.py
+    decode: str = "fast"
     open_retries: int = 3  # attempts to open a shard URL before it is skipped
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True
@@ -283,8 +285,8 @@ def make_plan(cfg: Config, world_size: int, num_samples: int) -> Plan:
         raise ConfigError(f"data.sampling={d.sampling!r} must be 'resampled' or 'exact'")
     if d.lanes and d.lanes % max(1, d.workers):
         raise ConfigError(f"data.lanes={d.lanes} must be a multiple of data.workers={d.workers} (or 0: one per worker)")
-    if d.decode not in ("fast", "reference"):
-        raise ConfigError(f"data.decode={d.decode!r} must be 'fast' or 'reference'")
+    if d.decode not in ("fast", "reference", "device"):
+        raise ConfigError(f"data.decode={d.decode!r} must be 'fast', 'reference' or 'device'")
     sets = [p for p in d.shards.split("::") if p.strip()]
     if d.weights and len(d.weights) != len(sets):
         raise ConfigError(f"data.weights has {len(d.weights)} entries for {len(sets)} '::'-separated shard sets")

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from largemim.checkpoint import Checkpointer
 from largemim.config import Config, ConfigError, make_plan, save_resolved
 from largemim.data.augment import TrainAugment
+from largemim.data.device_decode import DeviceDecodeAugment, EncodedImages
 from largemim.data.fast_decode import FastTrainAugment
 from largemim.data.sources import count_samples, expand_shards, split_sets
 from largemim.data.stream import StreamSpec, build_train_loader, check_exact_split
@@ -115,9 +116,10 @@ def train(cfg: Config, env: DistEnv) -> dict:
         summary["baselines"] = monitor.baselines()
 
     d = cfg.data
-    augment = (FastTrainAugment if d.decode == "fast" else TrainAugment)(
-        cfg.model.img_size, d.crop_scale, d.mean, d.std, d.hflip
-    )
+    augment_cls = {"fast": FastTrainAugment, "reference": TrainAugment, "device": DeviceDecodeAugment}[d.decode]
+    augment = augment_cls(cfg.model.img_size, d.crop_scale, d.mean, d.std, d.hflip)
+    if d.decode == "device" and env.device.type != "cuda":
+        log.warning("data.decode=device on %s decodes in the training process; data.decode=fast is faster", env.device)
     spec = StreamSpec(
         tuple(tuple(s) for s in sets), cfg.train.micro_batch, plan.micro_batches_per_epoch, env.rank,
         env.world_size, cfg.run.seed, d.shuffle_buffer, d.sampling, tuple(d.weights), d.open_retries, d.lanes,
@@ -141,10 +143,14 @@ def train(cfg: Config, env: DistEnv) -> dict:
                 raise RuntimeError(
                     f"data stream out of order: got micro-batch {batch.index}, expected {step * ga + micro}"
                 )
-            if step == start and micro == 0:
-                monitor.set_fixed_images(batch.images)
             skipped += batch.skipped
-            images = batch.images.to(env.device, non_blocking=True)
+            if isinstance(batch.images, EncodedImages):  # data.decode=device
+                images, failed = batch.images.decode(env.device)
+                skipped += failed
+            else:
+                images = batch.images.to(env.device, non_blocking=True)
+            if step == start and micro == 0:
+                monitor.set_fixed_images(images)
             torch.manual_seed(step_seed(cfg.run.seed, step, micro, env.rank))
             out = engine(images)
             engine.backward(out["loss"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -11,7 +12,8 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, TINY, read_metrics, run_trainer, trainer_cmd, trainer_env
+from conftest import REPO, TINY, demo_samples, read_metrics, run_trainer, trainer_cmd, trainer_env, write_shards
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +54,32 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, shard_set):
     run_trainer(tmp_path / "ckpt", shard_set, [*common, "model.grad_ckpt_every=1"])
     a, b = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "ckpt")
     assert [a[s]["loss"] for s in a] == [b[s]["loss"] for s in b]
+
+
+def _jpeg_shards(folder) -> str:
+    """Real images as RGB JPEGs in 4 shards, one in every 25 a truncated file (a header, half the data)."""
+    samples = []
+    for i, s in enumerate(demo_samples("train", 400)):
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(s["png"])).convert("RGB").resize((40, 40), Image.BICUBIC).save(buf, "JPEG", quality=90)
+        data = buf.getvalue()
+        samples.append({"__key__": s["__key__"], "jpg": data[: len(data) // 2] if i % 25 == 7 else data})
+    return write_shards(folder, samples, [100] * 4)
+
+
+def test_device_decode_trains_like_the_reference_pipeline(tmp_path):
+    """data.decode=device (here on the CPU device) sees the reference pipeline's batches, so the losses agree
+    to rounding; truncated JPEGs, which only the decode finds, are skipped and counted in both."""
+    shards = _jpeg_shards(tmp_path / "shards")
+    common = ["ds_config=ds_configs/zero2.json", "train.precision=fp32", "train.steps=6", "data.workers=2"]
+    run_trainer(tmp_path / "ref", shards, [*common, "data.decode=reference"])
+    run_trainer(tmp_path / "dev", shards, [*common, "data.decode=device"])
+    ref, dev = read_metrics(tmp_path / "ref"), read_metrics(tmp_path / "dev")
+    assert sorted(dev) == list(range(1, 7))
+    for step in ref:  # norm_pix_loss on 4 px patches magnifies sub-grey-level differences to ~0.5 %
+        assert dev[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-2), step
+        assert dev[step].get("skipped_samples", 0) == ref[step].get("skipped_samples", 0), step
+    assert dev[6]["skipped_samples"] > 0
 
 
 def _launch(run_dir, shards, overrides):

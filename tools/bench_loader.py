@@ -8,6 +8,11 @@ memory first (so storage speed is not measured). They take turns image by image 
 process CPU time, so other load on the machine affects both alike; each one's best of ``--repeats``
 passes counts.
 
+With ``--device cuda`` it also times ``data.decode=device`` (largemim/data/device_decode.py): the
+worker half (header read and crop draw) in CPU time per core like the others, and the device half
+(batched nvJPEG decode, crop, resize, flip, normalise) in wall time with the device synchronised, as
+images/s of the one device process.
+
 Build the photo sets first: tools/make_photo_sets.py (default build/photo_sets/).
 """
 
@@ -29,6 +34,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from largemim.data.augment import TrainAugment, image_bytes  # noqa: E402
+from largemim.data.device_decode import DeviceDecodeAugment  # noqa: E402
 from largemim.data.fast_decode import FastTrainAugment  # noqa: E402
 from largemim.data.manifest import Manifest  # noqa: E402
 
@@ -73,6 +79,24 @@ def images_per_s(pipelines: dict, images: list[bytes], seed: int) -> dict[str, f
     return {name: len(images) / t for name, t in cpu.items()}
 
 
+def device_images_per_s(images: list[bytes], size: int, device: str, batch: int, repeats: int) -> float:
+    """Wall-clock images/s of data.decode=device's device half, the best of ``repeats`` passes."""
+    aug = DeviceDecodeAugment(size, (0.2, 1.0), MEAN, STD)
+    rng = np.random.default_rng(0)
+    batches = [aug.collate([aug(d, rng) for d in images[i : i + batch]]) for i in range(0, len(images), batch)]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    batches[0].decode(device)  # warm up: nvJPEG handles, kernels, allocator
+    best = 0.0
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        for b in batches:
+            b.decode(device)
+        sync()
+        best = max(best, len(images) / (time.perf_counter() - start))
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sets", nargs="?", type=Path, default=Path(__file__).resolve().parents[1] / "build" / "photo_sets")
@@ -81,6 +105,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="images per set (default: all)")
     ap.add_argument("--train-augment", action="store_true", help="also time largemim's full-decode TrainAugment")
     ap.add_argument("--profile", action="store_true", help="print where FastTrainAugment spends its time")
+    ap.add_argument("--device", default="", help="also time data.decode=device on this device (e.g. cuda)")
+    ap.add_argument("--device-batch", type=int, default=128, help="images per device decode call")
     args = ap.parse_args()
     torch.set_num_threads(1)  # per core, as in a loader worker (DataLoader sets one thread per worker too)
 
@@ -88,6 +114,8 @@ def main() -> None:
     if args.train_augment:
         pipelines["TrainAugment"] = TrainAugment(args.img_size, (0.2, 1.0), MEAN, STD)
     pipelines["largemim"] = FastTrainAugment(args.img_size, (0.2, 1.0), MEAN, STD)
+    if args.device:
+        pipelines["device:worker"] = DeviceDecodeAugment(args.img_size, (0.2, 1.0), MEAN, STD)
 
     rows = []
     for name in TARGETS:
@@ -103,6 +131,8 @@ def main() -> None:
         for rep in range(args.repeats):
             for key, rate in images_per_s(pipelines, images, seed=rep).items():
                 best[key] = max(best[key], rate)
+        if args.device:
+            best["device:decode"] = device_images_per_s(images, args.img_size, args.device, args.device_batch, 3)
         rows.append((name, len(images), mean_size, best))
         if args.profile:
             profile = cProfile.Profile()
@@ -110,8 +140,11 @@ def main() -> None:
             print(f"\n== FastTrainAugment on {name}")
             pstats.Stats(profile).sort_stats("tottime").print_stats(8)
 
-    cols = list(pipelines)
+    cols = list(rows[0][3])
     print(f"\nimages/s per CPU second ({torch.get_num_threads()} torch thread), best of {args.repeats} passes")
+    if args.device:
+        name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else args.device
+        print(f"device:decode is wall-clock images/s of one process decoding on {name}, {args.device_batch} a call")
     header = f"{'set':<14}{'images':>7}{'mean size':>12}" + "".join(f"{c:>14}" for c in cols)
     print(header + f"{'ratio':>8}{'target':>8}")
     for name, n, (w, h), best in rows:

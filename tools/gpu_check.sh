@@ -110,6 +110,14 @@ stage g14 120 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" model.size=gia
 stage L16_ckpt 60 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" "${LARGE[@]}" model.grad_ckpt_every=1
 stage L16_zero3 60 --impl largemim --steps 30 --warmup 5 "${COMMON[@]}" "${LARGE[@]}" ds_config=ds_configs/zero3.json
 
+# Issue 3 part 8: data.decode=device (nvJPEG) against the CPU pipelines, on photo sets carried in
+# build/photo_sets (tools/make_photo_sets.py --imagenet 200 --web 80 keeps them under the 64 MiB carry with .whl/).
+if [[ -f build/photo_sets/web_size/manifest.json ]] && ((BUDGET - (SECONDS - T0) > 40)); then
+  echo "== loader: data.decode=device on the GPU, started at $((SECONDS - T0)) s"
+  timeout --kill-after=5 60 python3 tools/bench_loader.py --repeats 2 --device cuda >"$OUT/loader.log" 2>&1
+  tail -n 5 "$OUT/loader.log"
+fi
+
 echo "== done after $((SECONDS - T0)) s; $(wc -l <"$J") JSON lines in $J"
 python3 - "$J" <<'EOF'
 import json, sys

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
 from largemim.data.augment import TrainAugment, image_bytes
+from largemim.data.device_decode import EncodedImages
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,16 @@ log = logging.getLogger(__name__)
 @dataclass
 class Batch:
     index: int  # this rank's micro-batch number since the start of the run
-    images: torch.Tensor  # (micro_batch, 3, H, W), normalised float32
+    images: torch.Tensor | EncodedImages  # (micro_batch, 3, H, W) normalised float32, or files to decode on
+    # the training device (data.decode=device)
     skipped: int  # samples this worker skipped as undecodable since its previous batch
+
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader's pin thread (``pin_memory=True``), which passes dataclasses through
+        unpinned otherwise; files for device decoding stay where they are (nvJPEG reads host memory)."""
+        if isinstance(self.images, torch.Tensor):
+            return Batch(self.index, self.images.pin_memory(), self.skipped)
+        return self
 
 
 @dataclass(frozen=True)
@@ -196,7 +205,7 @@ class ShardStream(IterableDataset):
         rng = random.Random(f"{s.seed}-shuffle-{epoch}-{s.rank}-{lane}")
         yield from wds.filters._shuffle(mixed, bufsize=s.shuffle_buffer, initial=s.shuffle_buffer, rng=rng)
 
-    def _decode(self, sample: dict, rng: np.random.Generator) -> torch.Tensor | None:
+    def _decode(self, sample: dict, rng: np.random.Generator):
         data = image_bytes(sample)
         try:
             if data is None:
@@ -235,7 +244,8 @@ class ShardStream(IterableDataset):
             good = [image] if image is not None else []
         # An undecodable sample's place is taken by a good one of the same batch.
         images = [im if im is not None else good[i % len(good)] for i, im in enumerate(images)]
-        return Batch(b, torch.stack(images), self._errors.count - skipped_before)
+        collate = getattr(self.augment, "collate", torch.stack)  # DeviceDecodeAugment keeps the files
+        return Batch(b, collate(images), self._errors.count - skipped_before)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
