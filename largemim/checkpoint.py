@@ -178,33 +178,39 @@ class Checkpointer:
 
 def restore_module_state(engine, folder: Path) -> None:
     """Put back what a universal load leaves out: buffers and frozen parameters (a dVAE's step counter,
-    data2vec's EMA teacher and its fp32 master), from the original checkpoint's module state.
+    data2vec's EMA teacher and its fp32 master), from the original checkpoint's module states.
 
-    DeepSpeed's universal format carries only the trained parameters and their optimizer state. Under
-    ZeRO 0-2 rank 0's model-states file holds the whole module, so its extra state is copied back; under
-    ZeRO-3 it is partitioned per rank and cannot be resharded, which is said in the log.
+    DeepSpeed's universal format carries only the trained parameters and their optimizer state. The module
+    states of the run that saved the checkpoint are read from rank 0's file (ZeRO 0-2: the whole module)
+    or from every rank's file (ZeRO-3). A module with rank-local state (data2vec's master holds this
+    rank's ZeRO-3 slices) restores it itself through ``load_saved_state(saved_module_states)``, resliced
+    for this run's ranks; the other buffers and whole frozen parameters are copied back by name. Frozen
+    parameters partitioned by ZeRO-3 outside such a module (fixed sin-cos positions, a BEiT tokenizer)
+    are rebuilt at start-up, so they keep their built values.
     """
     from largemim.convert.safe_load import load_torch
+    from largemim.objectives.ema import is_partitioned
 
     module = engine.module
-    extras = dict(module.named_buffers())
-    extras.update({n: p for n, p in module.named_parameters() if not p.requires_grad})
-    if not extras:
-        return
-    if engine.zero_optimization_stage() >= 3:
-        log.warning(
-            "ZeRO-3 at another world size: buffers and frozen parameters (%s) keep their initial values; an "
-            "EMA teacher restarts from the student", ", ".join(sorted(extras)[:4]),
-        )  # fmt: skip
-        return
-    saved = load_torch(folder / "mp_rank_00_model_states.pt").get("module", {})
-    restored = []
+    meta = read_marker(folder)
+    if meta.get("zero_stage", 0) >= 3:
+        files = [folder / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(int(meta["world_size"]))]
+    else:
+        files = [folder / "mp_rank_00_model_states.pt"]
+    saved = [load_torch(f, mmap=True).get("module", {}) for f in files]
+    restored: list[str] = []
+    if hasattr(module, "load_saved_state"):  # a collective under ZeRO-3: every rank calls it
+        restored += module.load_saved_state(saved)
+    handled = tuple(n.rstrip("*") for n in restored)
+    extras = {n: b for n, b in module.named_buffers()}
+    extras.update({n: p for n, p in module.named_parameters() if not p.requires_grad and not is_partitioned(p)})
     with torch.no_grad():
         for name, tensor in extras.items():
-            value = saved.get(name)
-            if value is not None and value.shape == tensor.shape:
-                tensor.copy_(value.to(tensor.dtype))
-                restored.append(name)
-    missing = sorted(set(extras) - set(restored))
+            value = saved[0].get(name)
+            if name.startswith(handled) or value is None or value.shape != tensor.shape:
+                continue
+            tensor.copy_(value.to(tensor.dtype))
+            restored.append(name)
+    missing = sorted(n for n in set(extras) - set(restored) if not n.startswith(handled))
     log.info("restored %d buffers/frozen tensors from %s%s", len(restored), folder,
              f"; not in the checkpoint: {', '.join(missing[:4])}" if missing else "")  # fmt: skip

@@ -19,7 +19,7 @@ from largemim.objectives import OBJECTIVES, build_objective
 from largemim.objectives.beit import BEiT
 from largemim.objectives.data2vec import Data2Vec
 from largemim.objectives.dvae import DVAE, TokenizerMeta, load_tokenizer, read_tokenizer_meta, save_tokenizer
-from largemim.objectives.ema import ema_update
+from largemim.objectives.ema import ema_update, reslice_master
 from largemim.objectives.masking import MaskGenerator, block_mask, num_hidden, random_mask, simmim_mask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -366,6 +366,27 @@ def test_data2vec_teacher_is_an_ema_of_the_student():
     assert int(model.ema_updates) == 1
     state = model.state_dict()  # the teacher and its fp32 master are model state: checkpoints hold them
     assert "ema_master" in state and any(k.startswith("teacher.") for k in state)
+
+
+def _zero3_slices(wholes: list[torch.Tensor], rank: int, world: int) -> torch.Tensor:
+    """What DeepSpeed ZeRO-3 gives ``rank``: each parameter flattened, zero-padded to a multiple of the
+    world size, cut into equal parts."""
+    parts = []
+    for w in wholes:
+        part = -(-w.numel() // world)
+        parts.append(F.pad(w, (0, part * world - w.numel()))[rank * part : (rank + 1) * part])
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("old,new", [(3, 2), (2, 3), (1, 4), (4, 1), (2, 2), (5, 7)])
+def test_ema_master_reslices_to_another_world_size(old, new):
+    numels = [7, 1, 16, 33, 128, 5]
+    wholes = [torch.randn(n) for n in numels]
+    saved = [_zero3_slices(wholes, r, old) for r in range(old)]
+    for rank in range(new):
+        assert torch.equal(reslice_master(saved, numels, rank, new), _zero3_slices(wholes, rank, new))
+    with pytest.raises(ValueError, match="another model"):
+        reslice_master(saved, [*numels, 3], 0, new)
 
 
 def test_data2vec_bf16_teacher_moves_through_its_fp32_master():

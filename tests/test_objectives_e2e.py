@@ -151,6 +151,9 @@ def test_beit_simmim_data2vec_under_zero2_and_zero3(tmp_path, shard_set, tokeniz
         # resumed through DeepSpeed's universal format: the teacher and its fp32 master come back too
         "d2v_z2_fp32_universal": _run("data2vec_tiny_cpu.yaml", tmp_path / "d2v2u", shard_set, z2, "fp32", *d2v,
                                       resume_at=4, resume_overrides=["checkpoint.load_universal=true"]),
+        # the same under ZeRO-3, where each rank's master holds its own slices: resliced on load
+        "d2v_z3_fp32_universal": _run("data2vec_tiny_cpu.yaml", tmp_path / "d2v3u", shard_set, str(ds3_cold),
+                                      "fp32", *d2v, resume_at=4, resume_overrides=["checkpoint.load_universal=true"]),
         "d2v_z3_bf16_cold": _run("data2vec_tiny_cpu.yaml", tmp_path / "d2v3c", shard_set, str(ds3_cold), "bf16",
                                  *d2v, resume_at=4),
     }  # fmt: skip

@@ -34,7 +34,7 @@ from torch import nn
 
 from largemim.config import Config
 from largemim.models.vit import ViTEncoder, init_mim_weights
-from largemim.objectives.ema import check_twins, ema_update, local_numel
+from largemim.objectives.ema import check_twins, ema_update, load_master, local_numel
 from largemim.objectives.mask_token import embed_with_mask_token
 from largemim.objectives.masking import MaskGenerator
 
@@ -89,6 +89,17 @@ class Data2Vec(nn.Module):
         pairs = list(zip(self.encoder.parameters(), self.teacher.parameters(), strict=True))
         ema_update(self.ema_master, pairs, self.ema_decay(step), first=int(self.ema_updates) == 0)
         self.ema_updates += 1
+
+    @torch.no_grad()
+    def load_saved_state(self, saved: list[dict]) -> list[str]:
+        """After a load that left the teacher out (DeepSpeed's universal format): the teacher and its fp32
+        master from the module states that each rank of the run that saved them wrote, resliced for this
+        run's ranks. Returns the names restored."""
+        if int(saved[0]["ema_updates"]) == 0:
+            return []  # saved before the first update: the teacher is still the initial student
+        load_master(self.ema_master, [s["ema_master"] for s in saved], list(self.teacher.parameters()))
+        self.ema_updates.copy_(saved[0]["ema_updates"])
+        return ["teacher.*", "ema_master", "ema_updates"]
 
     @torch.no_grad()
     def targets(self, images: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ Under ZeRO-3 each rank holds a flat, padded slice of every parameter (``param.ds
 bounds depend only on the number of elements, so a student and a teacher parameter of the same shape are
 cut identically and each rank updates its own slice with no communication; the master then holds only
 this rank's slices (1/N of the teacher) and, being a buffer, is saved in this rank's own model-states
-file. Parameters that ZeRO-3 keeps gathered between steps ("persistent", below
+file. A resume at another world size rebuilds each rank's slices from the saved ones
+(:func:`reslice_master`). Parameters that ZeRO-3 keeps gathered between steps ("persistent", below
 ``stage3_param_persistence_threshold``) are re-gathered from the updated slices.
 
 This is the only file of the objectives that touches DeepSpeed's parameter attributes (``ds_id``,
@@ -84,6 +85,53 @@ def ema_update(
         view.lerp_(sp.to(device=view.device, dtype=torch.float32), 1.0 - decay)
         tp.copy_(view)
     _regather([t for _, t in pairs])
+
+
+def full_numel(p: nn.Parameter) -> int:
+    """Elements of the whole parameter, partitioned or not."""
+    return p.ds_numel if is_partitioned(p) else p.numel()
+
+
+def reslice_master(saved: Sequence[torch.Tensor], numels: Sequence[int], rank: int, world: int) -> torch.Tensor:
+    """This rank's EMA master for ``world`` ZeRO-3 ranks (``world=1``: whole parameters, ZeRO 0-2), from the
+    masters that ``len(saved)`` ranks saved (one whole master if the run that saved it was not ZeRO-3).
+
+    ZeRO-3 pads a parameter of ``n`` elements to a multiple of the world size and gives rank ``r`` the
+    elements ``[r * p, (r + 1) * p)`` with ``p = ceil(n / world)``; a master is those slices concatenated
+    over the parameters in order. Each parameter is put back together from the old slices, then cut again.
+    """
+    old = len(saved)
+    offsets = [0] * old
+    out = []
+    for n in numels:
+        old_part, new_part = -(-n // old), -(-n // world)
+        whole = torch.cat([m[o : o + old_part] for m, o in zip(saved, offsets, strict=True)])[:n]
+        offsets = [o + old_part for o in offsets]
+        piece = whole[rank * new_part : (rank + 1) * new_part]
+        out.append(torch.nn.functional.pad(piece, (0, new_part - piece.numel())))
+    sizes = [m.numel() for m in saved]
+    if offsets != sizes:
+        raise ValueError(
+            f"the saved EMA masters hold {sizes} elements, but the teacher's parameters split over {old} ranks "
+            f"need {offsets}: the checkpoint is of another model"
+        )
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def load_master(master: torch.Tensor, saved: Sequence[torch.Tensor], teacher: Sequence[nn.Parameter]) -> None:
+    """Fill this rank's ``master`` from the masters saved by the ranks of another run (any world size, any
+    ZeRO stage), then the teacher's local parts from it (every rank calls this: a collective under ZeRO-3)."""
+    partitioned = any(is_partitioned(p) for p in teacher)
+    rank = torch.distributed.get_rank() if partitioned else 0
+    world = torch.distributed.get_world_size() if partitioned else 1
+    master.copy_(reslice_master([m.float() for m in saved], [full_numel(p) for p in teacher], rank, world))
+    offset = 0
+    for t in teacher:
+        tp = local_part(t)
+        tp.copy_(master[offset : offset + tp.numel()].view_as(tp))
+        offset += tp.numel()
+    _regather(teacher)
 
 
 def _regather(teacher: Sequence[nn.Parameter]) -> None:
