@@ -167,7 +167,7 @@ def test_recipes_load_and_plan():
     """Every recipe of these objectives passes the config checks (the 224 px ones with their ??? filled)."""
     recipes = sorted(p for p in (REPO / "largemim/recipes").glob("*.yaml") if p.name.split("_")[0] in
                      ("simmim", "beit", "dvae", "data2vec"))  # fmt: skip
-    assert len(recipes) == 12
+    assert len(recipes) == 16  # ViT-B, ViT-L, tiny CPU and the learning run, per objective
     for path in recipes:
         cfg = load_config(path, ["data.shards=x", f"objective.tokenizer={__file__}"])
         check_objective(cfg)
@@ -253,6 +253,19 @@ def test_dvae_temperature_decays_exponentially_and_resumes_from_its_state():
     assert out["kl"].item() >= 0 and out["temperature"].item() == pytest.approx(0.5)
     picture = fresh.picture(torch.randn(3, 3, 16, 16), None, MEAN, STD)
     assert picture.shape[0] == 3 and picture.min() >= 0 and picture.max() <= 1
+
+
+def test_dvae_builds_no_vit(monkeypatch):
+    """The dVAE only borrows the ViT's patch grid: the registry's encoder factory is never called for it."""
+    import largemim.objectives as registry
+
+    def no_vit(cfg):
+        raise AssertionError("a ViT was built for the dVAE")
+
+    monkeypatch.setattr(registry, "build_encoder", no_vit)
+    assert isinstance(build_objective(nano_cfg("dvae")), DVAE)
+    with pytest.raises(AssertionError, match="a ViT was built"):
+        build_objective(nano_cfg("data2vec"))
 
 
 def test_dvae_grid_matches_the_patch_grid():

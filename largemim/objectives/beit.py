@@ -15,6 +15,7 @@ image size and channels against the run's config before anything is trained.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -152,7 +153,7 @@ class BEiT(nn.Module):
         return rows(original, masked, self.tokenizer.decode_pixels(out["ids"]), self.tokenizer.decode_pixels(filled))
 
 
-def build_beit(cfg: Config, encoder: ViTEncoder, init: bool) -> BEiT:
+def build_beit(cfg: Config, make_encoder: Callable[[], ViTEncoder], init: bool) -> BEiT:
     """Reads only the tokenizer's metadata here (the weights on first use), so that no module is built
     inside ZeRO-3's partitioning context besides the objective itself."""
     path = cfg.objective.tokenizer
@@ -163,4 +164,4 @@ def build_beit(cfg: Config, encoder: ViTEncoder, init: bool) -> BEiT:
     if (tuple(meta.mean), tuple(meta.std)) != (tuple(cfg.data.mean), tuple(cfg.data.std)):
         log.info("tokenizer %s was trained on mean %s std %s; converting this run's images", path, meta.mean, meta.std)
     tokenizer = FrozenTokenizer(path, meta, cfg.data.mean, cfg.data.std)
-    return BEiT(encoder, MaskGenerator.from_config(cfg), tokenizer, init=init)
+    return BEiT(make_encoder(), MaskGenerator.from_config(cfg), tokenizer, init=init)

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,10 +177,10 @@ class DVAE(nn.Module):
         return rows(*(to_pixels(x, mean, std) for x in (images, hard, soft)))
 
 
-def build_dvae(cfg: Config, encoder: ViTEncoder, init: bool) -> DVAE:
-    """The ViT ``encoder`` the registry builds is not part of the dVAE; only its patch grid is used."""
+def build_dvae(cfg: Config, make_encoder: Callable[[], ViTEncoder], init: bool) -> DVAE:
+    """No ViT: ``make_encoder`` is not called; the dVAE's token grid is the configured ViT's patch grid."""
     m, o = cfg.model, cfg.objective
-    del encoder
+    del make_encoder
     return DVAE(
         m.img_size, m.patch_size, m.in_chans, o.vocab_size, o.dvae_hidden, o.dvae_temp_start, o.dvae_temp_end,
         o.dvae_temp_steps, o.dvae_kl_weight, init=init,

@@ -12,6 +12,8 @@ linear map per patch as ``head`` here, with its outputs in (c, p, q) order where
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -70,5 +72,5 @@ class SimMIM(nn.Module):
         return rows(original, original * (1 - hide) + 0.5 * hide, predicted, original * (1 - hide) + predicted * hide)
 
 
-def build_simmim(cfg: Config, encoder: ViTEncoder, init: bool) -> SimMIM:
-    return SimMIM(encoder, MaskGenerator.from_config(cfg), init=init)
+def build_simmim(cfg: Config, make_encoder: Callable[[], ViTEncoder], init: bool) -> SimMIM:
+    return SimMIM(make_encoder(), MaskGenerator.from_config(cfg), init=init)
