@@ -265,7 +265,7 @@ def test_dvae_builds_no_vit(monkeypatch):
     monkeypatch.setattr(registry, "build_encoder", no_vit)
     assert isinstance(build_objective(nano_cfg("dvae")), DVAE)
     with pytest.raises(AssertionError, match="a ViT was built"):
-        build_objective(nano_cfg("data2vec"))
+        build_objective(nano_cfg("mae"))
 
 
 def test_dvae_grid_matches_the_patch_grid():
