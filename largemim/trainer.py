@@ -43,6 +43,14 @@ def _mean_across_ranks(values: dict[str, torch.Tensor], count: int) -> dict[str,
     return dict(zip(names, stacked.tolist(), strict=True))
 
 
+def _sum_across_ranks(value: int) -> int:
+    """A per-rank count summed over all ranks (every rank calls this)."""
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return int(t.item())
+
+
 def _throughput_model(cfg: Config, device: torch.device) -> tuple[int | None, float | None]:
     """(training FLOPs per image, device peak TFLOP/s) for the TFLOP/s and MFU figures, where known."""
     try:
@@ -105,6 +113,8 @@ def train(cfg: Config, env: DistEnv) -> dict:
         if changed:
             log.warning("data settings changed since the checkpoint %s: the batch stream will differ", changed)
     ga = plan.grad_accum
+    # undecodable samples skipped by all ranks before this start (saved with each checkpoint)
+    skipped_before = int(client.get("data", {}).get("skipped_samples", 0)) if client is not None else 0
 
     monitor = Monitor(cfg, engine, run_dir, env.device, env.rank)
     flops_per_image, peak = _throughput_model(cfg, env.device)
@@ -128,7 +138,11 @@ def train(cfg: Config, env: DistEnv) -> dict:
     stopper = StopOnSignal(list(cfg.checkpoint.stop_signals), env.device)
 
     def save(step: int) -> None:
-        state = {"step": step, "data": {**data_state, "position": step * ga}, "config": asdict(cfg)}
+        total = skipped_before + _sum_across_ranks(skipped)  # a collective: every rank saves
+        state = {
+            "step": step, "data": {**data_state, "position": step * ga, "skipped_samples": total},
+            "config": asdict(cfg),
+        }  # fmt: skip
         ckpt.save(engine, step, state)
 
     step, last_saved = start, start
@@ -175,8 +189,9 @@ def train(cfg: Config, env: DistEnv) -> dict:
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 scalars["grad_norm"] = float(grad_norm)
-            if skipped:
-                scalars["skipped_samples"] = float(skipped)
+            total_skipped = skipped_before + _sum_across_ranks(skipped)  # all ranks, whole run
+            if total_skipped:
+                scalars["skipped_samples"] = float(total_skipped)
             run_log.step(step, scalars, plan.global_batch)
         if cfg.log.image_every_steps and step % cfg.log.image_every_steps == 0:
             monitor.reconstruction(step, run_log)

@@ -80,6 +80,10 @@ def test_device_decode_trains_like_the_reference_pipeline(tmp_path):
         assert dev[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-2), step
         assert dev[step].get("skipped_samples", 0) == ref[step].get("skipped_samples", 0), step
     assert dev[6]["skipped_samples"] > 0
+    # the count is all ranks' since the run began, and carries across a resume
+    run_trainer(tmp_path / "dev", shards, [*common, "data.decode=device", "train.steps=9"])
+    resumed = read_metrics(tmp_path / "dev")
+    assert all(resumed[s]["skipped_samples"] >= dev[6]["skipped_samples"] for s in (7, 8, 9))
 
 
 def _launch(run_dir, shards, overrides):
