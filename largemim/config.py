@@ -121,6 +121,9 @@ class TrainConfig:
     # torch_autocast) instead of DeepSpeed's bf16 weights with fp32 master copies. Measured 1.32x faster
     # for MAE ViT-L/16 on an H200 (BENCHMARKS.md), and 4 instead of 6 bytes of weights per parameter.
     autocast: bool = False
+    # torch.compile the objective's forward and backward through DeepSpeed's engine.compile (inductor);
+    # random ops keep eager semantics, so a compiled run draws the same masks as an eager one.
+    compile: bool = False
 
 
 @dataclass

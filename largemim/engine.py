@@ -168,4 +168,10 @@ def build_engine(model: nn.Module, cfg: Config, plan: Plan, ds_json: dict):
         config=ds,
     )
     log.info("engine: ZeRO-%d, %s, optimizer %s", zero_stage(ds), cfg.train.precision, type(engine.optimizer).__name__)
+    if cfg.train.compile:
+        import torch._inductor.config as inductor
+
+        inductor.fallback_random = True  # torch.rand & co. as in eager: the same masks for the same seed
+        engine.compile()  # the first steps are slow while inductor compiles
+        log.info("train.compile: the objective's forward and backward are compiled on first use")
     return engine

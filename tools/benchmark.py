@@ -207,11 +207,14 @@ def run_largemim(cfg, args, device) -> dict:
     seconds, loss = time_steps(step, args.warmup, args.steps, device)
     optimizer = type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__
     fused = getattr(getattr(engine.optimizer, "optimizer", engine.optimizer), "defaults", {}).get("fused")
+    mode = f"DeepSpeed {cfg.train.precision}" if cfg.train.precision != "fp32" else "fp32"
+    if cfg.train.autocast:
+        mode = "DeepSpeed torch_autocast bf16"
     result = {
         "impl": "largemim",
         "zero_stage": zero_stage(ds_json),
         "optimizer": optimizer + (" (fused)" if fused else ""),
-        "precision_mode": f"DeepSpeed {cfg.train.precision}" if cfg.train.precision != "fp32" else "fp32",
+        "precision_mode": mode + (", compiled" if cfg.train.compile else ""),
         "fused_attn": bool(getattr(model.encoder.blocks[0].attn, "fused_attn", False)),
         "seconds": seconds,
         "loss": loss,
@@ -347,6 +350,8 @@ def describe(cfg, args, device) -> dict:
         "ds_config": cfg.ds_config,
         "precision": cfg.train.precision,
         "grad_ckpt_every": m.grad_ckpt_every,
+        "autocast": cfg.train.autocast,
+        "compile": cfg.train.compile,
         "micro_batch": cfg.train.micro_batch,
         "optim_impl": cfg.optim.impl,
         "steps": args.steps,

@@ -107,6 +107,11 @@ stage H14 100 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" model.size=hug
   train.micro_batch=128
 stage g14 120 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" model.size=giant model.patch_size=14 \
   train.micro_batch=128
+# Issue 7 next steps: DeepSpeed's torch_autocast mode (1.32x in a plain timing) and torch.compile, through
+# the benchmark, at the L/16 batch; each against the L16 stage above in the same session.
+stage L16_autocast 90 --impl largemim --steps 60 --warmup 10 "${COMMON[@]}" "${LARGE[@]}" train.autocast=true
+stage L16_autocast_compile 150 --impl largemim --steps 60 --warmup 15 "${COMMON[@]}" "${LARGE[@]}" \
+  train.autocast=true train.compile=true
 stage L16_ckpt 60 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" "${LARGE[@]}" model.grad_ckpt_every=1
 stage L16_zero3 60 --impl largemim --steps 30 --warmup 5 "${COMMON[@]}" "${LARGE[@]}" ds_config=ds_configs/zero3.json
 
