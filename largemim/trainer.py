@@ -43,9 +43,9 @@ def _mean_across_ranks(values: dict[str, torch.Tensor], count: int) -> dict[str,
     return dict(zip(names, stacked.tolist(), strict=True))
 
 
-def _sum_across_ranks(value: int) -> int:
-    """A per-rank count summed over all ranks (every rank calls this)."""
-    t = torch.tensor([float(value)], dtype=torch.float64)
+def _sum_across_ranks(value: int, device: torch.device) -> int:
+    """A per-rank count summed over all ranks (every rank calls this; on the device NCCL needs)."""
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     if dist.get_world_size() > 1:
         dist.all_reduce(t)
     return int(t.item())
@@ -138,7 +138,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
     stopper = StopOnSignal(list(cfg.checkpoint.stop_signals), env.device)
 
     def save(step: int) -> None:
-        total = skipped_before + _sum_across_ranks(skipped)  # a collective: every rank saves
+        total = skipped_before + _sum_across_ranks(skipped, env.device)  # a collective: every rank saves
         state = {
             "step": step, "data": {**data_state, "position": step * ga, "skipped_samples": total},
             "config": asdict(cfg),
@@ -148,6 +148,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
     step, last_saved = start, start
     sums: dict[str, torch.Tensor] = {}  # loss and any other scalar the objective returns, summed per window
     skipped = 0
+    last_images = None  # data.decode=device: stands in for a micro-batch none of whose files decode
     run_log.restart_clock(start)
     engine.train()
     while step < plan.total_steps:
@@ -159,8 +160,9 @@ def train(cfg: Config, env: DistEnv) -> dict:
                 )
             skipped += batch.skipped
             if isinstance(batch.images, EncodedImages):  # data.decode=device
-                images, failed = batch.images.decode(env.device)
+                images, failed = batch.images.decode(env.device, fallback=last_images)
                 skipped += failed
+                last_images = images
             else:
                 images = batch.images.to(env.device, non_blocking=True)
             if step == start and micro == 0:
@@ -189,7 +191,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 scalars["grad_norm"] = float(grad_norm)
-            total_skipped = skipped_before + _sum_across_ranks(skipped)  # all ranks, whole run
+            total_skipped = skipped_before + _sum_across_ranks(skipped, env.device)  # all ranks, whole run
             if total_skipped:
                 scalars["skipped_samples"] = float(total_skipped)
             run_log.step(step, scalars, plan.global_batch)

@@ -7,11 +7,13 @@ but for the decode call; ``tools/gpu_check.sh`` runs the CUDA one.
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import demo_samples, write_shards
+from conftest import REPO, demo_samples, write_shards
 from PIL import Image
 from test_fast_decode import MEAN, SIZE, STD, assert_same_pixels, encode, modes, photo_like, psnr, to_pixels
 
@@ -52,7 +54,7 @@ def test_only_jpegs_travel_undecoded(pair):
     png = dev(encode(photo_like(300, 200), "PNG"), np.random.default_rng(0))
     cmyk = dev(modes()["CMYK-jpeg"], np.random.default_rng(0))
     assert jpeg.file is not None and jpeg.ready is None
-    assert png.file is None and png.ready.shape == (3, SIZE, SIZE) and png.ready.dtype == torch.uint8
+    assert png.file is None and png.ready.shape == (3, SIZE, SIZE) and png.ready.dtype == np.uint8
     assert cmyk.file is None  # nvJPEG takes no CMYK: decoded in the worker
 
 
@@ -66,6 +68,20 @@ def test_an_undecodable_file_is_counted_and_replaced(pair):
     assert torch.equal(images[1], images[0]) or torch.equal(images[1], images[2])  # a good image took its place
     with pytest.raises(RuntimeError, match="none of the 1 JPEGs"):
         dev.collate([items[1]]).decode("cpu")
+    # with the previous micro-batch as a stand-in, a batch of nothing but broken files does not stop the rank
+    previous = images[:1]
+    stand_in, failed = dev.collate([items[1]]).decode("cpu", fallback=previous)
+    assert failed == 1 and stand_in is previous
+
+
+def test_decoding_in_chunks_gives_the_same_batch(pair, monkeypatch):
+    dev, _ = pair
+    files = [encode(photo_like(320 + 16 * i, 240), "JPEG") for i in range(5)] + [encode(photo_like(200, 200), "PNG")]
+    batch = dev.collate([dev(d, np.random.default_rng(i)) for i, d in enumerate(files)])
+    whole, _ = batch.decode("cpu")
+    monkeypatch.setattr("largemim.data.device_decode.CHUNK", 2)
+    chunked, failed = batch.decode("cpu")
+    assert failed == 0 and torch.equal(whole, chunked)
 
 
 def test_stream_batches_equal_the_reference_stream(tmp_path):
@@ -95,3 +111,10 @@ def test_stream_batches_equal_the_reference_stream(tmp_path):
         # rounded passes differs by about a tenth of a grey level on average and never by more than three.
         diff = (to_pixels(images) - to_pixels(expected.images)).abs()
         assert diff.mean() < 0.25 and diff.max() < 3.01, f"batch {batch.index}: {diff.mean():.3f}, {diff.max():.2f}"
+
+
+def test_the_gpu_check_script_runs_on_the_cpu():
+    """tools/check_device_decode.py, which tools/gpu_check.sh runs against nvJPEG, on the CPU device."""
+    proc = subprocess.run([sys.executable, str(REPO / "tools/check_device_decode.py"), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr[-2000:]

@@ -89,6 +89,11 @@ stage() {  # stage NAME LIMIT_S benchmark-args...
   return $rc
 }
 
+# Issue 3 part 8: data.decode=device's nvJPEG pixels against libjpeg on the CPU (a few seconds).
+echo "== device decode check"
+timeout --kill-after=5 60 python3 tools/check_device_decode.py --device cuda >"$OUT/decode_check.log" 2>&1
+tail -n 4 "$OUT/decode_check.log"
+
 LARGE=(model.size=large model.patch_size=16 train.micro_batch=256)
 common() { COMMON=(train.precision=bf16 "optim.impl=$OPT" ds_config=ds_configs/zero2.json model.img_size=224); }
 common

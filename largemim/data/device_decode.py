@@ -30,15 +30,20 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from largemim.data.augment import crop_params
 from largemim.data.fast_decode import FastTrainAugment
 
+CHUNK = 32  # files decoded per call: bounds the full-size images alive on the device at once
+
 
 @dataclass
 class PendingImage:
-    """One sample as a worker hands it on: a JPEG file to decode on the device with its crop, or pixels."""
+    """One sample as a worker hands it on: a JPEG file to decode on the device with its crop, or pixels.
 
-    file: torch.Tensor | None  # the JPEG's bytes as a 1-D uint8 tensor; None when ``ready`` holds the pixels
+    Plain bytes and a numpy array, not tensors: tensors would each cross from the loader worker through
+    their own shared-memory file descriptor (hundreds per batch in flight)."""
+
+    file: bytes | None  # the JPEG file; None when ``ready`` holds the pixels
     box: tuple[int, int, int, int]  # (top, left, height, width) of the crop in source pixels
     flip: bool
-    ready: torch.Tensor | None = None  # (3, S, S) uint8, decoded in the worker (not a JPEG nvJPEG takes)
+    ready: np.ndarray | None = None  # (3, S, S) uint8, decoded in the worker (not a JPEG nvJPEG takes)
 
 
 class EncodedImages:
@@ -51,28 +56,33 @@ class EncodedImages:
     def __len__(self) -> int:
         return len(self.items)
 
-    def decode(self, device: torch.device | str) -> tuple[torch.Tensor, int]:
-        """(normalised float32 images of shape (B, 3, S, S) on ``device``, number of files that failed)."""
+    def decode(self, device: torch.device | str, fallback: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """(normalised float32 images of shape (B, 3, S, S) on ``device``, number of files that failed).
+
+        A file that fails is replaced by a good image of the batch; if none decodes, ``fallback`` (the
+        previous micro-batch's images) stands in, so one rank never stops alone while the others wait in
+        a collective. Decoding goes ``CHUNK`` files at a time, each image cropped and resized as soon as
+        its chunk is decoded.
+        """
         device = torch.device(device)
-        jpegs = [i for i, it in enumerate(self.items) if it.ready is None]
-        decoded = dict(zip(jpegs, _decode_files([self.items[i].file for i in jpegs], device), strict=True))
-        S = self.img_size
-        out: list[torch.Tensor | None] = []
+        out: list[torch.Tensor | None] = [None] * len(self.items)
         for i, item in enumerate(self.items):
             if item.ready is not None:
-                out.append(item.ready.to(device, non_blocking=True).float())
-                continue
-            img = decoded[i]
-            if img is None:
-                out.append(None)
-                continue
-            top, left, h, w = item.box
-            crop = img[:, top : top + h, left : left + w].unsqueeze(0).float()
-            x = F.interpolate(crop, size=(S, S), mode="bicubic", antialias=True)[0].round_().clamp_(0, 255)
-            out.append(x.flip(-1) if item.flip else x)
+                out[i] = torch.from_numpy(item.ready).to(device).float()
+        jpegs = [i for i, it in enumerate(self.items) if it.ready is None]
+        failed = 0
+        for start in range(0, len(jpegs), CHUNK):
+            chunk = jpegs[start : start + CHUNK]
+            files = [torch.frombuffer(bytearray(self.items[i].file), dtype=torch.uint8) for i in chunk]
+            for i, img in zip(chunk, _decode_files(files, device), strict=True):
+                if img is None:
+                    failed += 1
+                else:
+                    out[i] = self._crop(img, self.items[i])
         good = [x for x in out if x is not None]
-        failed = len(out) - len(good)
         if not good:
+            if fallback is not None and fallback.shape[0] == len(out):
+                return fallback, failed
             raise RuntimeError(
                 f"none of the {len(out)} JPEGs of a micro-batch could be decoded on {device}; check data.shards "
                 "or use data.decode=fast"
@@ -82,23 +92,41 @@ class EncodedImages:
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1) * 255.0
         return images.sub_(mean).div_(std), failed
 
+    def _crop(self, img: torch.Tensor, item: PendingImage) -> torch.Tensor:
+        """(3, S, S) float pixels 0..255: crop, antialiased bicubic resize rounded to whole levels, flip."""
+        top, left, h, w = item.box
+        crop = img[:, top : top + h, left : left + w].unsqueeze(0).float()
+        S = self.img_size
+        x = F.interpolate(crop, size=(S, S), mode="bicubic", antialias=True)[0].round_().clamp_(0, 255)
+        return x.flip(-1) if item.flip else x
+
 
 def _decode_files(files: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     """Decode JPEG files to (3, H, W) uint8 on ``device``: in one batched call, or one by one (None for a
-    file that fails) when the batch fails."""
+    file that fails) when the batch fails. Running out of device memory is raised, not taken for a bad file.
+
+    On CUDA, torchvision's decoder allocates its outputs on the current stream but writes them from its
+    own stream without waiting for the current one, so memory just freed by kernels still queued (the
+    previous step's) could be overwritten under them: the current stream is synchronised first."""
     if not files:
         return []
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():
         # torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec; they still work.
         warnings.filterwarnings("ignore", message=".*deprecated.*", category=UserWarning)
         try:
             return list(decode_jpeg(files, mode=ImageReadMode.RGB, device=device))
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError:
             pass
         out: list[torch.Tensor | None] = []
         for f in files:
             try:
                 out.append(decode_jpeg(f, mode=ImageReadMode.RGB, device=device))
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError:
                 out.append(None)
         return out
@@ -118,9 +146,9 @@ class DeviceDecodeAugment:
         if img.format == "JPEG" and img.mode in ("RGB", "L"):
             box = crop_params(width, height, self.scale, self.ratio, rng)
             flip = self.hflip and rng.random() < 0.5  # drawn after the crop, as TrainAugment does
-            return PendingImage(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip)
+            return PendingImage(bytes(data), box, flip)
         # Not a JPEG nvJPEG decodes to RGB: the worker decodes it (same RNG draws: same crop and flip).
-        return PendingImage(None, (0, 0, 0, 0), False, self._cpu.crop_uint8(data, rng))
+        return PendingImage(None, (0, 0, 0, 0), False, self._cpu.crop_uint8(data, rng).numpy())
 
     def collate(self, items: list[PendingImage]) -> EncodedImages:
         return EncodedImages(items, self.img_size, self.mean, self.std)

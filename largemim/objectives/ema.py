@@ -122,9 +122,17 @@ def reslice_master(saved: Sequence[torch.Tensor], numels: Sequence[int], rank: i
 def load_master(master: torch.Tensor, saved: Sequence[torch.Tensor], teacher: Sequence[nn.Parameter]) -> None:
     """Fill this rank's ``master`` from the masters saved by the ranks of another run (any world size, any
     ZeRO stage), then the teacher's local parts from it (every rank calls this: a collective under ZeRO-3)."""
-    partitioned = any(is_partitioned(p) for p in teacher)
-    rank = torch.distributed.get_rank() if partitioned else 0
-    world = torch.distributed.get_world_size() if partitioned else 1
+    rank, world = 0, 1
+    partitioned = [p for p in teacher if is_partitioned(p)]
+    if partitioned:  # the rank and size of the group DeepSpeed partitions over, which must be the whole world
+        group = partitioned[0].ds_process_group
+        rank = torch.distributed.get_rank(group=group)
+        world = torch.distributed.get_world_size(group=group)
+        if world != torch.distributed.get_world_size():
+            raise NotImplementedError(
+                f"the teacher is partitioned over {world} of {torch.distributed.get_world_size()} ranks (MiCS or "
+                "hpZ): restoring its EMA master at another world size is not supported there"
+            )
     master.copy_(reslice_master([m.float() for m in saved], [full_numel(p) for p in teacher], rank, world))
     offset = 0
     for t in teacher:
