@@ -119,6 +119,12 @@ def build_model(cfg: Config, ds_json: dict, init_from: str = "") -> nn.Module:
     values broadcast to all. ``init_from`` then overwrites the initialisation (a new run only)."""
     from largemim.objectives import build_objective
 
+    if cfg.train.compile and zero_stage(ds_json) >= 3:
+        # Measured on CPU: dynamo traces past ZeRO-3's gather hooks and meets a partitioned (empty) parameter.
+        raise ConfigError(
+            "train.compile works with ZeRO 0-2; under ZeRO-3 set train.compile=false (DeepSpeed's own "
+            "DeepCompile, the 'compile' section of a ds_config, is not wired into largemim yet)"
+        )
     if zero_stage(ds_json) < 3:
         model = build_objective(cfg)
         if init_from:

@@ -104,3 +104,11 @@ def test_every_recipe_loads_and_plans(recipe):
         return
     plan = make_plan(cfg, world, 1_281_167)
     assert plan.total_steps > 0 and plan.global_batch % world == 0
+
+
+def test_compile_under_zero3_is_refused_before_the_model_is_built():
+    from largemim.engine import build_model
+
+    cfg = load_config(None, ["data.shards=x", "train.steps=1", "train.compile=true"])
+    with pytest.raises(ConfigError, match="train.compile works with ZeRO 0-2"):
+        build_model(cfg, {"zero_optimization": {"stage": 3}})
