@@ -13,6 +13,7 @@ from PIL import Image
 
 from largemim.data.augment import TrainAugment, crop_params
 from largemim.data.fast_decode import FastTrainAugment, dct_scale
+from tools.check_device_decode import photo_like
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIZE = 224
@@ -23,19 +24,6 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
     return buf.getvalue()
-
-
-def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
-    """Smooth colour fields, sharp-edged shapes and fine grain: what makes a reduced JPEG decode differ."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (height // 64, width // 64, 3), dtype=np.uint8)
-    img = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.int16)
-    img = img + rng.integers(-6, 7, (height, width, 3))
-    yy, xx = np.mgrid[0:height, 0:width]
-    for _ in range(25):
-        cx, cy, r = rng.integers(0, width), rng.integers(0, height), rng.integers(20, 200)
-        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.integers(0, 256, 3)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
 def to_pixels(x: torch.Tensor) -> torch.Tensor:
