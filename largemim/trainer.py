@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from largemim.checkpoint import Checkpointer
 from largemim.config import Config, ConfigError, make_plan, save_resolved
-from largemim.data.augment import TrainAugment
+from largemim.data.augment import Normalise, TrainAugment
 from largemim.data.device_decode import DeviceDecodeAugment, EncodedImages
 from largemim.data.fast_decode import FastTrainAugment
 from largemim.data.sources import count_samples, expand_shards, split_sets
@@ -127,7 +127,8 @@ def train(cfg: Config, env: DistEnv) -> dict:
 
     d = cfg.data
     augment_cls = {"fast": FastTrainAugment, "reference": TrainAugment, "device": DeviceDecodeAugment}[d.decode]
-    augment = augment_cls(cfg.model.img_size, d.crop_scale, d.mean, d.std, d.hflip)
+    augment = augment_cls(cfg.model.img_size, d.crop_scale, d.hflip)
+    normalise = Normalise(d.mean, d.std)  # on the device: workers hand over uint8 pixels
     if d.decode == "device" and env.device.type != "cuda":
         log.warning("data.decode=device on %s decodes in the training process; data.decode=fast is faster", env.device)
     spec = StreamSpec(
@@ -148,7 +149,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
     step, last_saved = start, start
     sums: dict[str, torch.Tensor] = {}  # loss and any other scalar the objective returns, summed per window
     skipped = 0
-    last_images = None  # data.decode=device: stands in for a micro-batch none of whose files decode
+    last_pixels = None  # data.decode=device: stands in for a micro-batch none of whose files decode
     run_log.restart_clock(start)
     engine.train()
     while step < plan.total_steps:
@@ -160,11 +161,12 @@ def train(cfg: Config, env: DistEnv) -> dict:
                 )
             skipped += batch.skipped
             if isinstance(batch.images, EncodedImages):  # data.decode=device
-                images, failed = batch.images.decode(env.device, fallback=last_images)
+                pixels, failed = batch.images.decode(env.device, fallback=last_pixels)
                 skipped += failed
-                last_images = images
+                last_pixels = pixels
             else:
-                images = batch.images.to(env.device, non_blocking=True)
+                pixels = batch.images.to(env.device, non_blocking=True)
+            images = normalise(pixels)
             if step == start and micro == 0:
                 monitor.set_fixed_images(images)
             torch.manual_seed(step_seed(cfg.run.seed, step, micro, env.rank))

@@ -12,7 +12,7 @@ from largemim.data.fast_decode import FastTrainAugment
 from largemim.data.sources import count_samples, expand_shards
 from largemim.data.stream import ShardStream, StreamSpec, build_train_loader, check_exact_split
 
-AUG = FastTrainAugment(16, (0.2, 1.0), (0.5,) * 3, (0.5,) * 3)
+AUG = FastTrainAugment(16, (0.2, 1.0))
 
 
 def spec(urls, rank=0, world=2, mb=8, per_epoch=7, seed=3, sampling="exact", sets=None, weights=(), retries=3, lanes=0):
@@ -133,7 +133,7 @@ def test_corrupt_members_and_truncated_tar_are_skipped_and_counted(tmp_path):
     second = Path(urls[1])  # truncate the second shard in the middle of a member
     second.write_bytes(second.read_bytes()[: len(second.read_bytes()) // 2 + 100])
     batches = take(urls, 12, world=1, per_epoch=6)
-    assert all(b.images.shape == (8, 3, 16, 16) and torch.isfinite(b.images).all() for b in batches)
+    assert all(b.images.shape == (8, 3, 16, 16) and b.images.dtype == torch.uint8 for b in batches)
     assert sum(b.skipped for b in batches) >= 3 * 2  # the three bad samples in each of two epochs, and more
 
 
@@ -148,7 +148,7 @@ def test_nothing_readable_is_a_clear_error_not_a_hang(tmp_path):
 
 def test_reference_and_fast_decode_draw_the_same_crops(shard_set):
     urls = expand_shards(shard_set)
-    ref = take(urls, 2, world=1, aug=TrainAugment(16, (0.2, 1.0), (0.5,) * 3, (0.5,) * 3))
+    ref = take(urls, 2, world=1, aug=TrainAugment(16, (0.2, 1.0)))
     fast = take(urls, 2, world=1)
     for a, b in zip(ref, fast, strict=True):  # same crop and flip; resize kernels differ by < 1 grey level
-        assert (a.images - b.images).abs().mean() < 0.02
+        assert (a.images.float() - b.images.float()).abs().mean() < 0.25

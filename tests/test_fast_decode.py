@@ -1,4 +1,5 @@
-"""FastTrainAugment against the reference TrainAugment: same crops and flips, same pixels within JPEG-scaling error."""
+"""FastTrainAugment against the reference TrainAugment: same crops and flips, same pixels within JPEG-scaling error;
+its decode stopped at the crop's bottom row gives the whole decode's pixels; Normalise."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from largemim.data.augment import TrainAugment, crop_params
-from largemim.data.fast_decode import FastTrainAugment, dct_scale
+import largemim.data.fast_decode as fast_decode
+from largemim.data.augment import Normalise, TrainAugment, crop_params
+from largemim.data.fast_decode import FastTrainAugment, dct_scale, load_top_rows
 from tools.check_device_decode import photo_like
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # for Normalise
 SIZE = 224
 WALLPAPERS = Path("/usr/share/wallpapers")
 
@@ -27,8 +29,7 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
 
 
 def to_pixels(x: torch.Tensor) -> torch.Tensor:
-    """Undo the normalisation: back to 0..255."""
-    return (x * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)) * 255
+    return x.to(torch.float32)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -46,7 +47,7 @@ def assert_same_pixels(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def pair():
-    return FastTrainAugment(SIZE, (0.2, 1.0), MEAN, STD), TrainAugment(SIZE, (0.2, 1.0), MEAN, STD)
+    return FastTrainAugment(SIZE, (0.2, 1.0)), TrainAugment(SIZE, (0.2, 1.0))
 
 
 def large_jpegs() -> list[tuple[str, bytes]]:
@@ -62,9 +63,20 @@ def test_output_shape_dtype_and_range(pair):
     fast, _ = pair
     for data in (encode(photo_like(500, 375), "JPEG"), encode(photo_like(300, 200), "PNG")):
         x = fast(data, np.random.default_rng(0))
-        assert x.shape == (3, SIZE, SIZE) and x.dtype == torch.float32 and x.is_contiguous()
-        px = to_pixels(x)
-        assert px.min() > -0.01 and px.max() < 255.01
+        assert x.shape == (3, SIZE, SIZE) and x.dtype == torch.uint8 and x.is_contiguous()
+        assert 50 < x.float().std() < 128  # an image, not a blank
+
+
+def test_normalise_matches_torchvision_and_leaves_its_input_alone():
+    import torchvision.transforms.functional as TF
+
+    pixels = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    expected = torch.stack([TF.normalize(p.float() / 255, MEAN, STD) for p in pixels])
+    out = Normalise(MEAN, STD)(pixels)
+    assert out.dtype == torch.float32 and torch.allclose(out, expected, atol=1e-5)
+    as_float = pixels.float()  # the device decoder hands over float pixels, kept as its fallback batch
+    assert torch.allclose(Normalise(MEAN, STD)(as_float), expected, atol=1e-5)
+    assert torch.equal(as_float, pixels.float())
 
 
 def test_dct_scale_never_upsamples():
@@ -152,3 +164,71 @@ def test_crops_and_flips_are_the_reference_ones(pair):
     assert 0.2 < fast_stats[:, 2].mean() < 0.8
     assert np.abs(fast_stats[:, :2] - ref_stats[:, :2]).max() < 1.0  # centre within 1/255 of the image
     assert np.allclose(fast_stats[:, :2].std(0), ref_stats[:, :2].std(0), rtol=0.02)
+
+
+def whole_decode(data: bytes, draft_to: tuple[int, int] | None = None) -> np.ndarray:
+    img = Image.open(io.BytesIO(data))
+    if draft_to:
+        img.draft(img.mode, draft_to)
+    return np.asarray(img)
+
+
+@pytest.mark.parametrize(
+    "kind", ["baseline", "progressive", "grey", "4:4:4", "restart-markers", "drafted-1/2", "drafted-1/4"]
+)
+def test_top_rows_are_the_whole_decode_rows(kind):
+    img = photo_like(1000, 760, seed=11)
+    options = {
+        "progressive": {"progressive": True},
+        "4:4:4": {"subsampling": 0},
+        "restart-markers": {"restart_marker_rows": 1},
+    }
+    data = encode(img.convert("L") if kind == "grey" else img, "JPEG", quality=88, **options.get(kind, {}))
+    draft_to = {"drafted-1/2": (500, 380), "drafted-1/4": (250, 190)}.get(kind)
+    full = whole_decode(data, draft_to)
+    for rows in (1, 37, full.shape[0] // 2, full.shape[0] - 1):
+        part = Image.open(io.BytesIO(data))
+        if draft_to:
+            part.draft(part.mode, draft_to)
+        assert load_top_rows(part, rows), f"{kind}: {rows} rows not confirmed"
+        got = np.asarray(part)
+        assert np.array_equal(got[:rows], full[:rows]), f"{kind}: rows 0..{rows} differ"
+        assert not got[rows:].any(), "rows below the crop were written"
+
+
+def test_a_black_last_row_falls_back_to_the_whole_decode():
+    img = np.asarray(photo_like(900, 700, seed=5)).copy()
+    img[300:340] = 0  # a black band: row 320 of the decode is all zero
+    data = encode(Image.fromarray(img), "JPEG", quality=95)
+    part = Image.open(io.BytesIO(data))
+    assert not load_top_rows(part, 320)
+    assert load_top_rows(Image.open(io.BytesIO(data)), 290)
+
+
+def test_stopping_at_the_crop_changes_no_output(pair, monkeypatch):
+    """FastTrainAugment with the partial decode against itself decoding every row: identical pixels."""
+    fast, _ = pair
+    whole = FastTrainAugment(SIZE, (0.2, 1.0))
+    files = [encode(photo_like(1400, 1000, seed=s), "JPEG", quality=90) for s in range(3)]
+    files.append(encode(photo_like(520, 400, seed=7).convert("L"), "JPEG", quality=90))
+    partial_before = fast.partial_decodes
+    outs = [fast(d, np.random.default_rng(seed)) for d in files for seed in range(6)]
+    assert fast.partial_decodes - partial_before >= 12, "the partial decode was not exercised"
+    monkeypatch.setattr(fast_decode, "load_top_rows", lambda img, rows: False)
+    for i, (d, seed) in enumerate((d, seed) for d in files for seed in range(6)):
+        assert torch.equal(outs[i], whole(d, np.random.default_rng(seed))), f"file {i // 6} seed {seed}"
+
+
+def test_truncated_jpeg_fails_only_if_the_crop_needs_the_missing_rows(pair):
+    fast, _ = pair
+    data = encode(photo_like(1200, 900, seed=2), "JPEG", quality=90)
+    cut = data[: len(data) * 4 // 5]  # about the first 4/5 of the rows survive
+    needs_bottom = [s for s in range(200) if sum(crop_params(1200, 900, (0.2, 1.0), (3 / 4, 4 / 3),
+                                                             np.random.default_rng(s))[::2]) > 850]  # fmt: skip
+    fits_top = [s for s in range(200) if sum(crop_params(1200, 900, (0.2, 1.0), (3 / 4, 4 / 3),
+                                                         np.random.default_rng(s))[::2]) < 560]  # fmt: skip
+    assert needs_bottom and fits_top
+    with pytest.raises(OSError, match="truncated"):
+        fast(cut, np.random.default_rng(needs_bottom[0]))
+    ok = fast(cut, np.random.default_rng(fits_top[0]))
+    assert torch.equal(ok, fast(data, np.random.default_rng(fits_top[0])))

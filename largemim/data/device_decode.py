@@ -1,15 +1,16 @@
-"""``data.decode=device``: JPEGs decoded on the training device (nvJPEG on CUDA), cropped, resized, flipped
-and normalised there, so loader workers only read headers and draw crops.
+"""``data.decode=device``: JPEGs decoded on the training device (nvJPEG on CUDA), cropped, resized and
+flipped there, so loader workers only read headers and draw crops.
 
 A loader worker reads each image's header (``Image.open`` reads no pixels), draws the crop and flip with
 the same ``crop_params`` and RNG draws as :class:`~largemim.data.augment.TrainAugment`, and passes the
 file's bytes on untouched. The training process decodes a micro-batch's JPEGs in one
 ``torchvision.io.decode_jpeg(list, device=...)`` call (batched nvJPEG on a CUDA device), then crops each
-image, resizes it with antialiased bicubic (rounded to whole grey levels, as the CPU paths' uint8 resize),
-flips and normalises it on the device. Images nvJPEG does not take (PNG and other formats, CMYK, palette,
-16-bit) are decoded by :class:`~largemim.data.fast_decode.FastTrainAugment` in the worker, with the crop
-already drawn. A batch that fails to decode is decoded one file at a time; a file that still fails is
-skipped, counted, and its place taken by a good image of the batch, as on the CPU paths.
+image, resizes it with antialiased bicubic (rounded to whole grey levels, as the CPU paths' uint8 resize)
+and flips it on the device; the trainer normalises the batch there, as for every decode mode. Images
+nvJPEG does not take (PNG and other formats, CMYK, palette, 16-bit) are decoded by
+:class:`~largemim.data.fast_decode.FastTrainAugment` in the worker, with the crop already drawn. A batch
+that fails to decode is decoded one file at a time; a file that still fails is skipped, counted, and
+its place taken by a good image of the batch, as on the CPU paths.
 
 On a CPU device the same code decodes with libjpeg in the training process: correct (the tests run it)
 but slower than ``data.decode=fast``, which decodes in the workers at reduced scale.
@@ -49,15 +50,14 @@ class PendingImage:
 class EncodedImages:
     """A micro-batch whose JPEGs are decoded on the training device by :meth:`decode`."""
 
-    def __init__(self, items: list[PendingImage], img_size: int, mean, std):
+    def __init__(self, items: list[PendingImage], img_size: int):
         self.items, self.img_size = items, img_size
-        self.mean, self.std = tuple(mean), tuple(std)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def decode(self, device: torch.device | str, fallback: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        """(normalised float32 images of shape (B, 3, S, S) on ``device``, number of files that failed).
+        """(float32 pixels 0..255 of shape (B, 3, S, S) on ``device``, number of files that failed).
 
         A file that fails is replaced by a good image of the batch; if none decodes, ``fallback`` (the
         previous micro-batch's images) stands in, so one rank never stops alone while the others wait in
@@ -87,10 +87,7 @@ class EncodedImages:
                 f"none of the {len(out)} JPEGs of a micro-batch could be decoded on {device}; check data.shards "
                 "or use data.decode=fast"
             )
-        images = torch.stack([x if x is not None else good[i % len(good)] for i, x in enumerate(out)])
-        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1) * 255.0
-        return images.sub_(mean).div_(std), failed
+        return torch.stack([x if x is not None else good[i % len(good)] for i, x in enumerate(out)]), failed
 
     def _crop(self, img: torch.Tensor, item: PendingImage) -> torch.Tensor:
         """(3, S, S) float pixels 0..255: crop, antialiased bicubic resize rounded to whole levels, flip."""
@@ -135,10 +132,9 @@ def _decode_files(files: list[torch.Tensor], device: torch.device) -> list[torch
 class DeviceDecodeAugment:
     """The worker half of ``data.decode=device``: draws crops from headers; TrainAugment's interface."""
 
-    def __init__(self, img_size: int, scale, mean, std, hflip: bool = True, ratio=(3 / 4, 4 / 3)):
+    def __init__(self, img_size: int, scale, hflip: bool = True, ratio=(3 / 4, 4 / 3)):
         self.img_size, self.scale, self.ratio, self.hflip = img_size, tuple(scale), tuple(ratio), hflip
-        self.mean, self.std = list(mean), list(std)
-        self._cpu = FastTrainAugment(img_size, scale, mean, std, hflip, ratio)
+        self._cpu = FastTrainAugment(img_size, scale, hflip, ratio)
 
     def __call__(self, data: bytes, rng: np.random.Generator) -> PendingImage:
         img = Image.open(io.BytesIO(data))  # header only
@@ -148,7 +144,7 @@ class DeviceDecodeAugment:
             flip = self.hflip and rng.random() < 0.5  # drawn after the crop, as TrainAugment does
             return PendingImage(bytes(data), box, flip)
         # Not a JPEG nvJPEG decodes to RGB: the worker decodes it (same RNG draws: same crop and flip).
-        return PendingImage(None, (0, 0, 0, 0), False, self._cpu.crop_uint8(data, rng).numpy())
+        return PendingImage(None, (0, 0, 0, 0), False, self._cpu(data, rng).numpy())
 
     def collate(self, items: list[PendingImage]) -> EncodedImages:
-        return EncodedImages(items, self.img_size, self.mean, self.std)
+        return EncodedImages(items, self.img_size)

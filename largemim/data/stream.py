@@ -55,8 +55,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class Batch:
     index: int  # this rank's micro-batch number since the start of the run
-    images: torch.Tensor | EncodedImages  # (micro_batch, 3, H, W) normalised float32, or files to decode on
-    # the training device (data.decode=device)
+    images: torch.Tensor | EncodedImages  # (micro_batch, 3, H, W) uint8 pixels, normalised on the training
+    # device (augment.Normalise), or files to decode there (data.decode=device)
     skipped: int  # samples this worker skipped as undecodable since its previous batch
 
     def pin_memory(self) -> Batch:
