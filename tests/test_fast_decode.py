@@ -211,9 +211,13 @@ def test_stopping_at_the_crop_changes_no_output(pair, monkeypatch):
     whole = FastTrainAugment(SIZE, (0.2, 1.0))
     files = [encode(photo_like(1400, 1000, seed=s), "JPEG", quality=90) for s in range(3)]
     files.append(encode(photo_like(520, 400, seed=7).convert("L"), "JPEG", quality=90))
-    partial_before = fast.partial_decodes
+    letterboxed = np.asarray(photo_like(1400, 1000, seed=8)).copy()
+    letterboxed[600:] = 0  # crops ending in the black band cannot confirm a partial decode: decoded whole
+    files.append(encode(Image.fromarray(letterboxed), "JPEG", quality=90))
+    partial_before, fallbacks_before = fast.partial_decodes, fast.partial_fallbacks
     outs = [fast(d, np.random.default_rng(seed)) for d in files for seed in range(6)]
     assert fast.partial_decodes - partial_before >= 12, "the partial decode was not exercised"
+    assert fast.partial_fallbacks > fallbacks_before, "no crop of the letterboxed image fell back"
     monkeypatch.setattr(fast_decode, "load_top_rows", lambda img, rows: False)
     for i, (d, seed) in enumerate((d, seed) for d in files for seed in range(6)):
         assert torch.equal(outs[i], whole(d, np.random.default_rng(seed))), f"file {i // 6} seed {seed}"

@@ -154,12 +154,19 @@ def main() -> None:
         name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else args.device
         print(f"device:decode is wall-clock images/s of one process decoding on {name}, {args.device_batch} a call")
     header = f"{'set':<14}{'images':>7}{'mean size':>12}" + "".join(f"{c:>14}" for c in cols)
-    print(header + f"{'ratio':>8}{'target':>8}")
+    print(header + f"{'ratio':>8}{'as run':>8}{'target':>8}")
     for name, n, (w, h), best in rows:
-        ratio = best["largemim"] / best["reference"]
+        # Like for like: largemim with the normalise done in the worker, as the reference does it. "as run":
+        # largemim's workers as they run in training, leaving the normalise to the device.
+        ratio, as_run = best["+normalise"] / best["reference"], best["largemim"] / best["reference"]
         cells = "".join(f"{best[c]:>14.1f}" for c in cols)
         mark = "ok" if ratio >= TARGETS[name] else "MISSED"
-        print(f"{name:<14}{n:>7}{f'{w}x{h}':>12}{cells}{ratio:>7.2f}x{f'>={TARGETS[name]}x':>8} {mark}")
+        print(f"{name:<14}{n:>7}{f'{w}x{h}':>12}{cells}{ratio:>7.2f}x{as_run:>7.2f}x{f'>={TARGETS[name]}x':>8} {mark}")
+    fast = pipelines["largemim"]
+    print(
+        f"largemim decoded {fast.partial_decodes} JPEGs only down to the crop; {fast.partial_fallbacks} partial "
+        "decodes could not be confirmed and were redone whole (a black last row, or damage above it)"
+    )
 
 
 if __name__ == "__main__":

@@ -49,6 +49,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU; overrides the table")
     ap.add_argument("--require-flash", action="store_true", help="fail unless SDPA can use flash attention (CUDA)")
     ap.add_argument("--jsonl", help="also append every JSON line to this file")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, profile N more steps of each implementation (torch.profiler): top operators and "
+        "the host's share of the step, to stderr",
+    )
+    ap.add_argument("--trace-dir", help="with --profile: also write a Chrome trace per implementation here")
     ap.add_argument("--sweep-memory", action="store_true", help="largest micro-batch per ZeRO stage, +/- act. ckpt")
     ap.add_argument(
         "--sweep-configs",
@@ -116,6 +125,45 @@ def time_steps(step, warmup: int, steps: int, device) -> tuple[float, float]:
             loss = step()
         seconds = time.perf_counter() - t0
     return seconds, float(loss)
+
+
+def profile_steps(step, args, device, label: str) -> None:
+    """``--profile N``: where N more steps spend their time, printed to stderr.
+
+    The table lists operators by self time on the device (on a GPU) or the CPU. Below it, the host's
+    busy time per step against the step's wall time: a host busy for nearly the whole step means the
+    GPU waits for kernel launches (launch-bound: fewer, larger kernels or CUDA graphs help), a host
+    mostly idle means the GPU's kernels themselves are the limit."""
+    if args.profile <= 0:
+        return
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    sync()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(args.profile):
+            step()
+        host = time.perf_counter() - t0  # until the last launch returned
+        sync()
+        wall = time.perf_counter() - t0
+    ops = prof.key_averages()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(f"== profile: {label}, {args.profile} steps", file=sys.stderr)
+    print(ops.table(sort_by=sort, row_limit=20), file=sys.stderr)
+    kernels = sum(e.count for e in ops if cuda and e.self_device_time_total > 0)
+    print(
+        f"   {label}: {wall / args.profile * 1e3:.1f} ms per step, host returns after "
+        f"{host / args.profile * 1e3:.1f} ms"
+        + (f", {kernels / args.profile:.0f} device kernels per step" if cuda else ""),
+        file=sys.stderr,
+    )
+    if args.trace_dir:
+        Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(Path(args.trace_dir) / f"{label}.json"))
 
 
 def reset_memory(device) -> float:
@@ -205,6 +253,7 @@ def run_largemim(cfg, args, device) -> dict:
         return out["loss"].detach()
 
     seconds, loss = time_steps(step, args.warmup, args.steps, device)
+    profile_steps(step, args, device, "largemim")
     optimizer = type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__
     fused = getattr(getattr(engine.optimizer, "optimizer", engine.optimizer), "defaults", {}).get("fused")
     mode = f"DeepSpeed {cfg.train.precision}" if cfg.train.precision != "fp32" else "fp32"
@@ -308,6 +357,7 @@ def run_hf(cfg, args, device) -> dict:
         return loss.detach()
 
     seconds, loss = time_steps(step, args.warmup, args.steps, device)
+    profile_steps(step, args, device, "hf")
     result = {
         "impl": "hf",
         "zero_stage": None,

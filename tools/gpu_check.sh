@@ -13,8 +13,9 @@ esac
 #      optimizer (DeepSpeed's FusedAdam if it JIT-compiles here, else torch's fused AdamW), then HF ViTMAE
 #      at the same batch: the baseline for this session's ratios.
 #   2. L/16 with train.autocast=true, 3. plus train.compile=true (issue 7's next steps).
-#   4. ViT-H/14 with autocast beside HF, 5. ViT-g/14 likewise; then, if time is left, L/16 with
-#      activation checkpointing on every block, under ZeRO-3, and the device-decode loader timing.
+#   4. ViT-H/14 with autocast beside HF, 5. ViT-g/14 likewise; then, if time is left, a profile of L/16
+#      in both precision modes (tools/benchmark.py --profile), L/16 with activation checkpointing on
+#      every block, under ZeRO-3, and the device-decode loader timing.
 #
 # Each stage runs under `timeout`, and a stage that would overrun the budget (BUDGET_S, default 330 s
 # after the install) is cut short or skipped, so one failure cannot eat the session.
@@ -83,7 +84,7 @@ stage() {  # stage NAME LIMIT_S benchmark-args...
   echo "== $name: limit $limit s, started at $((SECONDS - T0)) s"
   timeout --kill-after=10 "$limit" python3 tools/benchmark.py --jsonl "$J" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
-  grep -E "img/s|ratio:|^benchmark:|Error|error:" "$OUT/$name.log" | grep -v Warning | tail -n 8
+  grep -E "img/s|ratio:|ms per step|^benchmark:|Error|error:" "$OUT/$name.log" | grep -v Warning | tail -n 8
   if ((rc != 0)); then
     echo "   exit $rc; last lines:"
     tail -n 15 "$OUT/$name.log"
@@ -122,6 +123,11 @@ stage H14_autocast 100 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" model
   train.micro_batch=128 train.autocast=true
 stage g14 120 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" model.size=giant model.patch_size=14 \
   train.micro_batch=128 train.autocast=true
+# Where DeepSpeed's bf16 mode loses its 70-85 ms per step against a plain loop (BENCHMARKS.md): 3 profiled
+# steps of each precision mode, the top kernels and whether the host or the GPU is the limit; traces in $OUT.
+stage L16_profile 70 --impl "$IMPL" --steps 5 --warmup 5 --profile 3 --trace-dir "$OUT/traces" "${COMMON[@]}" "${LARGE[@]}"
+stage L16_autocast_profile 50 --impl largemim --steps 5 --warmup 5 --profile 3 "${COMMON[@]}" "${LARGE[@]}" \
+  train.autocast=true
 stage L16_ckpt 60 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" "${LARGE[@]}" model.grad_ckpt_every=1
 stage L16_zero3 60 --impl largemim --steps 30 --warmup 5 "${COMMON[@]}" "${LARGE[@]}" ds_config=ds_configs/zero3.json
 

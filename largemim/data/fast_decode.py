@@ -60,7 +60,8 @@ def load_top_rows(img: Image.Image, rows: int) -> bool:
     allocates it zeroed and the decoder writes whole rows in order, so the last row asked for must hold
     a non-zero pixel and the next one none. Otherwise (a black last row, a decoder error before it, a
     Pillow that behaves differently) the caller decodes the whole image, as the reference does.
-    A file that ends before ``rows`` is an error, as in a full decode.
+    A file that ends before ``rows`` is an error, as in a full decode; a file damaged only below them
+    is used, with the pixels a whole decode gives above the damage (a whole decode would refuse it).
     """
     if len(img.tile) != 1 or not hasattr(img.tile[0], "_replace") or rows >= img.height:
         return False  # several tiles, or a Pillow without named tiles (< 11.1): not handled
@@ -84,7 +85,8 @@ class FastTrainAugment:
 
     def __init__(self, img_size: int, scale, hflip: bool = True, ratio=(3 / 4, 4 / 3)):
         self.img_size, self.scale, self.ratio, self.hflip = img_size, tuple(scale), tuple(ratio), hflip
-        self.partial_decodes = 0  # JPEGs decoded only down to the crop (for tests and tools/bench_loader.py)
+        # JPEGs decoded only down to the crop, and partial decodes redone whole (tests, tools/bench_loader.py)
+        self.partial_decodes = self.partial_fallbacks = 0
 
     def _prepare(self, img: Image.Image, data: bytes, crop_w: int, crop_h: int) -> tuple[Image.Image, int]:
         """The opened image, a JPEG set to decode at the largest reduction the crop allows; the reduction."""
@@ -114,6 +116,7 @@ class FastTrainAugment:
             if load_top_rows(img, y1):
                 self.partial_decodes += 1
             else:
+                self.partial_fallbacks += 1
                 img, s = self._prepare(Image.open(io.BytesIO(data)), data, w, h)  # all of it (same box)
         # Cropping in PIL before the array copy packs only the region.
         crop = _pixels(img.crop((x0, y0, x1, y1))).permute(2, 0, 1).unsqueeze(0)  # (1, C, h, w), channels-last
