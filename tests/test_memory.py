@@ -1,0 +1,106 @@
+"""largemim.memory and tools/memory_table.py: activations counted from the real forward, model states by ZeRO
+stage, and the prediction against peaks measured on an H200 (tools/measured/)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from largemim.config import load_config
+from largemim.memory import (
+    GIB,
+    ActivationCount,
+    _saved_bytes,
+    count_activations,
+    largest_micro_batch,
+    model_state_bytes,
+    predicted_peak,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+MEASURED = REPO / "tools" / "measured" / "h200_2026-11-26_bench.jsonl"
+SMALL = ["data.shards=synthetic", "model.size=micro", "model.img_size=64", "model.patch_size=8"]
+SMALL += ["model.decoder_dim=64", "model.decoder_depth=2", "model.decoder_heads=4"]
+
+
+def cfg(*overrides: str):
+    return load_config(None, [*SMALL, *overrides])
+
+
+def test_activations_grow_linearly_with_the_batch():
+    import torch
+
+    from largemim.objectives import build_objective
+
+    c = cfg("train.precision=bf16")
+    acts = count_activations(c)
+    torch.manual_seed(0)
+    model = build_objective(c).to(torch.bfloat16).train()
+    four, two = _saved_bytes(model, 4, c, torch.bfloat16), _saved_bytes(model, 2, c, torch.bfloat16)
+    assert acts.per_image > 0 and four - two == 2 * acts.per_image
+    assert acts.params + acts.frozen == sum(p.numel() for p in model.parameters())
+    assert acts.frozen == sum(p.numel() for p in model.parameters() if not p.requires_grad) > 0  # fixed pos_embed
+
+
+def test_what_changes_the_count_changes_it():
+    base = count_activations(cfg("train.precision=bf16"))
+    assert count_activations(cfg("train.precision=bf16", "model.grad_ckpt_every=1")).per_image < 0.8 * base.per_image
+    assert count_activations(cfg("train.precision=bf16", "objective.mask_ratio=0.9")).per_image < base.per_image
+    fp32 = count_activations(cfg("train.precision=fp32")).per_image
+    assert 1.7 * base.per_image < fp32 < 2.3 * base.per_image  # 16-bit activations are half the bytes
+
+
+def test_model_states_by_stage_and_against_deepspeeds_estimate():
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    psi, layer = 300_000_000, 4_000_000
+    assert model_state_bytes(psi, layer, 0, 8) == 16 * psi  # nothing partitioned
+    assert model_state_bytes(psi, layer, 1, 8) == 4 * psi + 12 * psi // 8
+    assert model_state_bytes(psi, layer, 2, 8) == 2 * psi + 14 * psi // 8
+    assert model_state_bytes(psi, layer, 3, 8) == 16 * psi // 8 + 4 * layer
+    assert model_state_bytes(psi, layer, 2, 8, "optimizer") == 2 * psi + 2 * psi // 8
+    assert model_state_bytes(psi, layer, 3, 8, "all") == 4 * layer
+    for gpus in (1, 8, 64):
+        # DeepSpeed's estimate also holds the fp32 gradient partition, made after the activations are freed.
+        _, ds = estimate_zero2_model_states_mem_needs(psi, num_gpus_per_node=gpus, cpu_offload=False)
+        assert abs(ds - model_state_bytes(psi, layer, 2, gpus) - 4 * psi // gpus) <= 2
+    with pytest.raises(ValueError, match="ZeRO-3 only"):
+        model_state_bytes(psi, layer, 2, 8, "all")
+
+
+def test_largest_micro_batch_is_the_edge_of_the_budget():
+    acts = ActivationCount(per_image=60 * 2**20, fixed=0, params=300_000_000, frozen=0, largest_layer=4_000_000)
+    for stage, gpus, offload in ((2, 1, "none"), (3, 8, "none"), (2, 8, "optimizer")):
+        b = largest_micro_batch(acts, stage, gpus, offload, gpu_gib=80, reserve=1.28, context_gib=1)
+        budget = 79 * GIB
+        assert predicted_peak(acts, b, stage, gpus, offload) * 1.28 <= budget
+        assert predicted_peak(acts, b + 1, stage, gpus, offload) * 1.28 > budget
+    huge = ActivationCount(per_image=1, fixed=0, params=10**11, frozen=0, largest_layer=10**8)
+    assert largest_micro_batch(huge, 2, 1, "none", gpu_gib=80) == 0  # the states alone do not fit
+
+
+def test_prediction_within_6_percent_of_the_h200_peaks(tmp_path):
+    """The tool's --check on the ViT-L/16 rows measured on an H200 (ZeRO-2 and -3, with and without
+    checkpointing): the counted forward must stay close to what the GPU allocated."""
+    rows = [json.loads(line) for line in MEASURED.read_text().splitlines()]
+    large = [r for r in rows if r.get("size") == "large"]
+    assert len([r for r in large if r.get("impl") == "largemim"]) == 3
+    subset = tmp_path / "large.jsonl"
+    subset.write_text("".join(json.dumps(r) + "\n" for r in large))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "tools/memory_table.py", "--check", str(subset), "--models", "large/16", "--gpus", "1,8"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    errors = [float(line.split("|")[7].strip().rstrip(" %")) for line in p.stdout.splitlines()
+              if line.startswith("| large/16 | ")]  # fmt: skip
+    assert len(errors) == 3 and all(abs(e) < 6.0 for e in errors), p.stdout
+    table = [line for line in p.stdout.splitlines() if line.startswith("| large/16 (")]
+    assert len(table) == 10  # 5 setups x with/without checkpointing
+    one_gpu = {tuple(c.strip() for c in line.split("|")[2:4]): int(line.split("|")[4]) for line in table}
+    assert one_gpu[("every block", "ZeRO-2")] > 2 * one_gpu[("–", "ZeRO-2")]  # checkpointing frees most
+    assert 256 < one_gpu[("–", "ZeRO-2")] < 2000  # 21.4 GiB were measured at 256
