@@ -5,19 +5,24 @@ Peak memory of a step is, to a few per cent, what lives at the start of the back
 * **model states** (:func:`model_state_bytes`): in DeepSpeed's bf16/fp16 mode, per parameter, the
   16-bit weights (2 bytes) and gradients (2), and the fp32 master copy and Adam's two moments (12);
   ZeRO-1/2 split the 12 (and ZeRO-2 the gradients) over the data-parallel GPUs, ZeRO-3 everything,
-  offload moves the 12 (ZeRO-3 with parameter offload: all) to host memory. DeepSpeed's own
-  ``estimate_zero2_model_states_mem_needs`` also counts a 4-byte fp32 gradient partition: that one is
-  made during the optimizer step, after the activations are gone, so it does not add to the peak.
+  offload moves the 12 (ZeRO-3 with parameter offload: the weights' partition too) to host memory;
+  plus DeepSpeed's buffers as the ds_config sets them (reduce buckets; under ZeRO-3 the prefetch
+  bucket and the weights it keeps gathered). DeepSpeed's own ``estimate_zero2_model_states_mem_needs``
+  also counts a 4-byte fp32 gradient partition: that one is made during the optimizer step, after the
+  activations are gone, so it does not add to the peak.
 * **activations** (:func:`count_activations`): the tensors autograd keeps for the backward pass,
   counted by running the real objective's forward on the CPU under ``saved_tensors_hooks`` at micro-
   batch 1 and 2 (unique storages, parameters excluded) and taking the difference. Activation
   checkpointing, the mask ratio, the decoder and the compute dtype are all in the count because the
-  real module runs. No GPU is needed: the kept tensors' shapes and dtypes do not depend on the device.
+  real module runs. No GPU is needed: the kept tensors' shapes and dtypes do not depend on the device
+  (q, k, v, output and log-sum-exp for flash attention, on the CPU as on CUDA). The fp32 input batch
+  is added; not counted: under checkpointing, the recomputed block's temporaries during backward.
 
-Checked against the peaks measured on an H200 on 2026-11-26 (``tools/memory_table.py --check``):
-MAE ViT-L/16, H/14 and g/14 under ZeRO-2 and ViT-L/16 with checkpointing within 2-4 %. The caching
-allocator reserves 10-22 % above the allocated peak (fragmentation): :func:`largest_micro_batch` keeps
-a margin of 1.28 (1.22 times the 5 % of the prediction's largest error) by default.
+Checked against the peaks measured on one H200 on 2026-11-26 (``tools/memory_table.py --check``):
+MAE ViT-L/16, H/14 and g/14 under ZeRO-2, ViT-L/16 with checkpointing and under ZeRO-3, all within
+5 %. Only one GPU was measured: the partitioned terms at 8 or 64 GPUs follow DeepSpeed's layout
+but are not checked. The caching allocator reserves 10-22 % above the allocated peak (fragmentation):
+:func:`largest_micro_batch` keeps a margin of 1.28 (1.22 times the prediction's largest error, 5 %).
 Only DeepSpeed's bf16/fp16 mode is modelled; ``train.autocast`` (fp32 weights) is not yet.
 """
 
@@ -35,11 +40,10 @@ GIB = 2**30
 
 @dataclass(frozen=True)
 class ActivationCount:
-    per_image: int  # bytes kept for the backward pass per image of the micro-batch
+    per_image: int  # bytes per image of the micro-batch: the input and what autograd keeps for backward
     fixed: int  # bytes kept whatever the micro-batch (usually ~0)
     params: int  # trained parameters (encoder, decoder, heads)
     frozen: int  # parameters without gradients (data2vec's teacher, BEiT's tokenizer): 16-bit weights only
-    largest_layer: int  # parameters of the largest leaf module (ZeRO-3 gathers at least this at once)
 
 
 def _saved_bytes(model: torch.nn.Module, batch: int, cfg: Config, dtype: torch.dtype) -> int:
@@ -78,48 +82,60 @@ def count_activations(cfg: Config) -> ActivationCount:
     one, two = _saved_bytes(model, 1, cfg, dtype), _saved_bytes(model, 2, cfg, dtype)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    largest = max((sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules()), default=0)
-    return ActivationCount(two - one, max(0, 2 * one - two), params, frozen, largest)
+    m = cfg.model
+    batch = m.in_chans * m.img_size * m.img_size * 4  # the normalised fp32 images themselves
+    return ActivationCount(two - one + batch, max(0, 2 * one - two), params, frozen)
 
 
-def model_state_bytes(params: int, largest_layer: int, stage: int, gpus: int, offload: str = "none") -> int:
-    """Bytes per GPU of weights, gradients and optimizer state in DeepSpeed's bf16/fp16 mode.
+def zero_config(ds_json: dict):
+    """The ds_config's ``zero_optimization`` section with DeepSpeed's own defaults filled in."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    ``offload``: "none", "optimizer" (the fp32 master and Adam moments in host memory) or "all"
-    (ZeRO-3 with parameters offloaded too). Under ZeRO-3 the gathered working set (two of the largest
-    layer, one gathering and one prefetched, in 16 bits) is added."""
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"ZeRO stage {stage} is not 0-3")
-    if offload not in ("none", "optimizer", "all") or (offload == "all" and stage < 3):
-        raise ValueError(f"offload={offload!r}: 'none', 'optimizer', or 'all' (ZeRO-3 only)")
+    return DeepSpeedZeroConfig(**ds_json.get("zero_optimization", {}))
+
+
+def model_state_bytes(params: int, gpus: int, zero) -> int:
+    """Bytes per GPU of weights, gradients, optimizer state and DeepSpeed's buffers in its bf16/fp16 mode.
+
+    ``zero``: :func:`zero_config` of the run's ds_config. Per parameter: 16-bit weights (2 bytes) and
+    gradients (2); the fp32 master and Adam moments (12) unless the optimizer is offloaded; ZeRO-1 splits
+    the 12 over the GPUs, ZeRO-2 the gradients too, ZeRO-3 everything (and parameter offload moves the
+    weights' partition to the host). Buffers: the gradient reduce bucket (``reduce_bucket_size``
+    16-bit elements, two with ``overlap_comm``); under ZeRO-3 the prefetch bucket and the gathered
+    weights, which DeepSpeed keeps while they are reused within ``stage3_max_reuse_distance`` (1e9 by
+    default: the whole model up to ``stage3_max_live_parameters``). ZeRO-0 in bf16 also holds fp32
+    gradients (DeepSpeed's BF16_Optimizer): 2 + 4 + 12 per parameter."""
     n = max(1, gpus)
-    optimizer = 0 if offload != "none" else 12 * params  # fp32 master + Adam m and v
+    stage = int(zero.stage)
+    opt_offload = zero.offload_optimizer is not None and zero.offload_optimizer.device != "none"
+    param_offload = zero.offload_param is not None and zero.offload_param.device != "none"
+    optimizer = 0 if opt_offload else 12 * params  # fp32 master + Adam m and v
     if stage == 0:
-        return 2 * params + 2 * params + optimizer
+        return 2 * params + 4 * params + optimizer
+    buckets = 2 * int(zero.reduce_bucket_size) * (2 if zero.overlap_comm else 1)
     if stage == 1:
-        return 2 * params + 2 * params + optimizer // n
+        return 2 * params + 2 * params + optimizer // n + buckets
     if stage == 2:
-        return 2 * params + (2 * params + optimizer) // n
-    working = 2 * 2 * largest_layer
-    if offload == "all":
-        return working
-    return (2 * params + 2 * params + optimizer) // n + working
+        return 2 * params + (2 * params + optimizer) // n + buckets
+    weights = 0 if param_offload else 2 * params // n
+    gathered = 2 * min(params, int(zero.max_live_parameters)) + 2 * int(zero.prefetch_bucket_size)
+    return weights + (2 * params + optimizer) // n + gathered + buckets
 
 
-def predicted_peak(acts: ActivationCount, micro_batch: int, stage: int, gpus: int, offload: str = "none") -> int:
+def predicted_peak(acts: ActivationCount, micro_batch: int, gpus: int, zero) -> int:
     """Bytes allocated at the step's peak (what ``torch.cuda.max_memory_allocated`` reports)."""
-    states = model_state_bytes(acts.params, acts.largest_layer, stage, gpus, offload)
-    frozen = 2 * acts.frozen // (max(1, gpus) if stage == 3 else 1)  # weights only (data2vec's fp32 EMA
+    states = model_state_bytes(acts.params, gpus, zero)
+    frozen = 2 * acts.frozen // (max(1, gpus) if int(zero.stage) == 3 else 1)  # weights only (data2vec's fp32 EMA
     # master, 4 more bytes per teacher parameter, is not counted)
     return states + frozen + acts.fixed + acts.per_image * micro_batch
 
 
 def largest_micro_batch(
-    acts: ActivationCount, stage: int, gpus: int, offload: str, gpu_gib: float, reserve: float = 1.28, context_gib=1.0
+    acts: ActivationCount, gpus: int, zero, gpu_gib: float, reserve: float = 1.28, context_gib: float = 1.0
 ) -> int:
     """The largest micro-batch whose predicted peak, times ``reserve`` (the allocator's reserve, measured up
     to 1.22 on an H200, and the prediction's error, up to 5 %), fits in ``gpu_gib`` less the CUDA context;
     0 if the model states alone do not fit."""
     budget = (gpu_gib - context_gib) * GIB / reserve
-    room = budget - predicted_peak(acts, 0, stage, gpus, offload)
+    room = budget - predicted_peak(acts, 0, gpus, zero)
     return max(0, int(room // acts.per_image)) if acts.per_image > 0 else 0

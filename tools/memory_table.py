@@ -21,21 +21,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from largemim.config import load_config  # noqa: E402
-from largemim.memory import GIB, count_activations, largest_micro_batch, predicted_peak  # noqa: E402
+from largemim.engine import load_ds_json  # noqa: E402
+from largemim.memory import GIB, count_activations, largest_micro_batch, predicted_peak, zero_config  # noqa: E402
 
-SETUPS = (  # (label, ZeRO stage, offload)
-    ("ZeRO-1", 1, "none"),
-    ("ZeRO-2", 2, "none"),
-    ("ZeRO-3", 3, "none"),
-    ("ZeRO-2 + optimizer offload", 2, "optimizer"),
-    ("ZeRO-3 + optimizer and parameter offload", 3, "all"),
+REPO = Path(__file__).resolve().parents[1]
+
+SETUPS = (  # the repository's ds_configs: their buckets and offload settings are part of the prediction
+    ("ZeRO-1", "ds_configs/zero1.json"),
+    ("ZeRO-2", "ds_configs/zero2.json"),
+    ("ZeRO-3", "ds_configs/zero3.json"),
+    ("ZeRO-2 + optimizer offload", "ds_configs/zero2_offload.json"),
+    ("ZeRO-3 + optimizer and parameter offload", "ds_configs/zero3_offload.json"),
 )
+DECODER = re.compile(r"(\d+)x(\d+)/(\d+)h")
 
 
 def config(size: str, patch: int, ckpt: int, overrides: list[str]):
@@ -43,29 +48,69 @@ def config(size: str, patch: int, ckpt: int, overrides: list[str]):
     return load_config(None, [*base, f"model.grad_ckpt_every={ckpt}", *overrides])
 
 
+def zero_of(ds_config: str | None):
+    path = Path(ds_config or "ds_configs/zero2.json")
+    return zero_config(load_ds_json(path if path.is_absolute() else REPO / path))
+
+
+def row_setup(r: dict, overrides: list[str]):
+    """(config, micro-batch, ZeRO config) of a tools/benchmark.py JSON line, or a reason it is not modelled."""
+    if r.get("kind") == "memory":  # a --sweep-memory result: its overrides, at the largest batch that ran
+        if r.get("error") or not r.get("max_micro_batch"):
+            return "no fitting batch"
+        args, config_file = list(r.get("overrides") or []), None
+        if args[:1] == ["--config"]:
+            config_file, args = args[1], args[2:]
+        cfg = load_config(
+            config_file, ["data.shards=synthetic", *args, f"model.grad_ckpt_every={r['grad_ckpt_every']}"]
+        )
+        batch = r["max_micro_batch"]
+    else:
+        mode = r.get("precision_mode", "")
+        if not mode.startswith("DeepSpeed b") and not mode.startswith("DeepSpeed f"):
+            return f"not modelled ({mode})"  # fp32 weights (autocast, fp32) and compiled runs
+        if "compiled" in mode:
+            return f"not modelled ({mode})"
+        match = DECODER.fullmatch(str(r.get("decoder", "")))
+        if not match:
+            return f"unreadable decoder field {r.get('decoder')!r}"
+        depth, dim, heads = match.groups()
+        extra = [
+            f"model.img_size={r['img']}",
+            f"objective.mask_ratio={r['mask_ratio']}",
+            f"train.precision={r['precision']}",
+        ]
+        extra += [f"model.decoder_depth={depth}", f"model.decoder_dim={dim}", f"model.decoder_heads={heads}"]
+        cfg = config(r["size"], r["patch"], r["grad_ckpt_every"], [*extra, *overrides])
+        batch = r["micro_batch"]
+    return cfg, batch, zero_of(r.get("ds_config"))
+
+
 def check(path: Path, overrides: list[str]) -> None:
-    """Predicted against measured peak for every largemim row of a tools/benchmark.py JSONL."""
+    """Predicted against measured peak for every largemim row of a tools/benchmark.py JSONL (one GPU each)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("kind") == "throughput" and r.get("impl") == "largemim" and r.get("peak_mem_gib")]
+    rows = [r for r in rows if r.get("impl") == "largemim" and r.get("kind") in ("throughput", "memory")]
+    rows = [r for r in rows if r.get("peak_mem_gib")]
     if not rows:
         sys.exit(f"{path}: no largemim rows with a measured peak_mem_gib")
-    print(f"predicted against measured peak allocated memory ({path.name}):")
-    print("| model | ZeRO | act. ckpt | micro-batch | measured GiB | predicted GiB | error | reserved / allocated |")
+    print(f"predicted against measured peak allocated memory, one GPU ({path.name}):")
+    print(
+        "| model | ds_config | act. ckpt | micro-batch | measured GiB | predicted GiB | error | reserved / allocated |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if r.get("precision_mode", "").startswith("DeepSpeed torch_autocast"):
-            continue  # fp32 weights: not modelled
-        depth, dim, heads = r["decoder"].rstrip("h").replace("x", "/").split("/")
-        extra = [f"model.img_size={r['img']}", f"objective.mask_ratio={r['mask_ratio']}"]
-        extra += [f"model.decoder_depth={depth}", f"model.decoder_dim={dim}", f"model.decoder_heads={heads}"]
-        acts = count_activations(config(r["size"], r["patch"], r["grad_ckpt_every"], [*extra, *overrides]))
-        pred = predicted_peak(acts, r["micro_batch"], r["zero_stage"], 1) / GIB
+        setup = row_setup(r, overrides)
+        if isinstance(setup, str):
+            print(f"| {r.get('size', '?')}/{r.get('patch', '?')} | {r.get('ds_config')} | skipped: {setup} |")
+            continue
+        cfg, batch, zero = setup
+        pred = predicted_peak(count_activations(cfg), batch, 1, zero) / GIB
         err = pred / r["peak_mem_gib"] - 1
         reserve = r["peak_reserved_gib"] / r["peak_mem_gib"] if r.get("peak_reserved_gib") else float("nan")
-        every = r["grad_ckpt_every"]
+        every = cfg.model.grad_ckpt_every
         ckpt = "every block" if every == 1 else (f"every {every}" if every else "–")
-        cells = [f"{r['size']}/{r['patch']}", r["zero_stage"], ckpt, r["micro_batch"], f"{r['peak_mem_gib']:.1f}"]
-        cells += [f"{pred:.1f}", f"{100 * err:+.1f} %", f"{reserve:.2f}"]
+        cells = [f"{cfg.model.size}/{cfg.model.patch_size}", Path(r.get("ds_config") or "").name, ckpt, batch]
+        cells += [f"{r['peak_mem_gib']:.1f}", f"{pred:.1f}", f"{100 * err:+.1f} %", f"{reserve:.2f}"]
         print("| " + " | ".join(map(str, cells)) + " |", flush=True)
     print()
 
@@ -88,6 +133,7 @@ def main() -> None:
     print(f"largest micro-batch per {args.gpu_gib:g} GiB GPU (predicted; reserve x{args.reserve}, "
           f"{args.context_gib:g} GiB context), MAE bf16, by data-parallel GPUs:")  # fmt: skip
     head = "| model | act. ckpt | setup | " + " | ".join(f"{g} GPU{'s' if g > 1 else ''}" for g in gpus) + " |"
+    print("(the one-GPU column is what --check verifies; more GPUs only divide the partitioned states)")
     print(head + "\n|" + "---|" * (3 + len(gpus)))
     for spec in args.models.split(","):
         size, patch = spec.split("/")
@@ -95,9 +141,9 @@ def main() -> None:
             t0 = time.perf_counter()
             acts = count_activations(config(size, int(patch), ckpt, args.overrides))
             label = "every block" if ckpt else "–"
-            for name, stage, offload in SETUPS:
-                cells = [largest_micro_batch(acts, stage, g, offload, args.gpu_gib, args.reserve, args.context_gib)
-                         for g in gpus]  # fmt: skip
+            for name, ds_config in SETUPS:
+                zero = zero_of(ds_config)
+                cells = [largest_micro_batch(acts, g, zero, args.gpu_gib, args.reserve, args.context_gib) for g in gpus]
                 print(
                     f"| {size}/{patch} ({acts.params / 1e6:.0f} M) | {label} | {name} | "
                     + " | ".join(str(c) if c else "does not fit" for c in cells)
