@@ -14,8 +14,9 @@ esac
 #      at the same batch: the baseline for this session's ratios.
 #   2. L/16 with train.autocast=true, 3. plus train.compile=true (issue 7's next steps).
 #   4. ViT-H/14 with autocast beside HF, 5. ViT-g/14 likewise; then, if time is left, a profile of L/16
-#      in both precision modes (tools/benchmark.py --profile), L/16 with activation checkpointing on
-#      every block, under ZeRO-3, and the device-decode loader timing.
+#      in both precision modes (tools/benchmark.py --profile), L/16 at micro-batch 768 (the memory
+#      prediction's range), with activation checkpointing on every block, under ZeRO-3, and the
+#      device-decode loader timing; last, tools/memory_table.py --check on this session's peaks.
 #
 # Each stage runs under `timeout`, and a stage that would overrun the budget (BUDGET_S, default 330 s
 # after the install) is cut short or skipped, so one failure cannot eat the session.
@@ -128,6 +129,9 @@ stage g14 120 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" model.size=gia
 stage L16_profile 70 --impl "$IMPL" --steps 5 --warmup 5 --profile 3 --trace-dir "$OUT/traces" "${COMMON[@]}" "${LARGE[@]}"
 stage L16_autocast_profile 50 --impl largemim --steps 5 --warmup 5 --profile 3 "${COMMON[@]}" "${LARGE[@]}" \
   train.autocast=true
+# The memory prediction (tools/memory_table.py) at three times the micro-batch it was checked at.
+stage L16_mb768 60 --impl largemim --steps 10 --warmup 3 "${COMMON[@]}" model.size=large model.patch_size=16 \
+  train.micro_batch=768
 stage L16_ckpt 60 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" "${LARGE[@]}" model.grad_ckpt_every=1
 stage L16_zero3 60 --impl largemim --steps 30 --warmup 5 "${COMMON[@]}" "${LARGE[@]}" ds_config=ds_configs/zero3.json
 
@@ -140,6 +144,9 @@ if [[ -f build/photo_sets/web_size/manifest.json ]] && ((BUDGET - (SECONDS - T0)
 fi
 
 echo "== done after $((SECONDS - T0)) s; $(wc -l <"$J") JSON lines in $J"
+# Predicted against measured peak memory for every row above (counted on this machine's CPU; ~1 min).
+timeout --kill-after=5 120 python3 tools/memory_table.py --check "$J" --models large/16 --gpus 1 \
+  >"$OUT/memory_check.log" 2>&1 && grep -E "^\|" "$OUT/memory_check.log" | head -n 20
 python3 - "$J" <<'EOF'
 import json, sys
 
