@@ -124,6 +124,11 @@ class TrainConfig:
     # torch.compile the objective's forward and backward through DeepSpeed's engine.compile (inductor);
     # random ops keep eager semantics, so a compiled run draws the same masks as an eager one.
     compile: bool = False
+    # bf16 mode: DeepSpeed tests every gradient for inf/NaN each step to skip such a step (about a dozen
+    # small kernels per parameter tensor and a host sync). bf16 has no loss scale to adjust, and the
+    # trainer stops on a non-finite loss at the next log line; false saves that work (a step with a
+    # non-finite gradient is then applied, and the run stops at the next log line instead).
+    check_grad_overflow: bool = True
 
 
 @dataclass
@@ -299,6 +304,11 @@ def make_plan(cfg: Config, world_size: int, num_samples: int) -> Plan:
         raise ConfigError(f"train.precision={t.precision!r} must be one of bf16, fp16, fp32")
     if t.autocast and t.precision != "bf16":
         raise ConfigError(f"train.autocast needs train.precision=bf16 (got {t.precision})")
+    if not t.check_grad_overflow and (t.precision != "bf16" or t.autocast):
+        raise ConfigError(
+            "train.check_grad_overflow=false applies to DeepSpeed's bf16 mode only (train.precision=bf16, "
+            "train.autocast=false): fp16's loss scaling needs the check, and fp32 and autocast runs make none"
+        )
     if cfg.optim.impl not in ("auto", "torch", "torch_fused", "deepspeed"):
         raise ConfigError(f"optim.impl={cfg.optim.impl!r} must be one of auto, torch, torch_fused, deepspeed")
     if t.micro_batch < 1 or t.grad_accum < 0:

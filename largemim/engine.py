@@ -65,12 +65,13 @@ def full_ds_config(cfg: Config, plan: Plan, ds: dict) -> dict:
     out["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch
     out["gradient_accumulation_steps"] = plan.grad_accum
     out["train_batch_size"] = plan.global_batch
-    if cfg.optim.grad_clip:
-        out["gradient_clipping"] = cfg.optim.grad_clip
+    # Always written: DeepSpeed's default is 1.0, so leaving the key out when optim.grad_clip=0 ("off")
+    # would clip at 1.0.
+    out["gradient_clipping"] = float(cfg.optim.grad_clip)
     if cfg.train.precision == "bf16" and cfg.train.autocast:
         out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}  # fp32 weights, bf16 matmuls
     elif cfg.train.precision == "bf16":
-        out["bf16"] = {"enabled": True}
+        out["bf16"] = {"enabled": True, "check_grad_overflow": cfg.train.check_grad_overflow}
     elif cfg.train.precision == "fp16":
         # Dynamic loss scaling; fp16 at scale NaNs more often than bf16 (see README).
         out["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "hysteresis": 2}

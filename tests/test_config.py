@@ -117,3 +117,31 @@ def test_compile_under_zero3_is_refused_before_the_model_is_built():
     cfg = load_config(None, ["data.shards=x", "train.steps=1", "train.compile=true"])
     with pytest.raises(ConfigError, match="train.compile works with ZeRO 0-2"):
         build_model(cfg, {"zero_optimization": {"stage": 3}})
+
+
+def test_grad_clip_off_reaches_deepspeed_as_off():
+    """DeepSpeed clips at 1.0 when gradient_clipping is absent: optim.grad_clip=0 must be written as 0."""
+    from deepspeed.runtime.config import get_gradient_clipping
+
+    from largemim.engine import full_ds_config
+
+    for clip, expected in (("0", 0.0), ("2.5", 2.5)):
+        cfg = load_config(None, ["data.shards=x", "train.steps=1", f"optim.grad_clip={clip}"])
+        ds = full_ds_config(cfg, make_plan(cfg, 1, 1000), {"zero_optimization": {"stage": 2}})
+        assert get_gradient_clipping(ds) == expected
+    assert get_gradient_clipping({}) == 1.0  # why: DeepSpeed's own default
+
+
+def test_check_grad_overflow_is_a_bf16_mode_switch():
+    from deepspeed.runtime.precision_config import get_bfloat16_config
+
+    from largemim.engine import full_ds_config
+
+    for value in ("true", "false"):
+        cfg = load_config(None, ["data.shards=x", "train.steps=1", f"train.check_grad_overflow={value}"])
+        ds = full_ds_config(cfg, make_plan(cfg, 1, 1000), {"zero_optimization": {"stage": 2}})
+        assert get_bfloat16_config(ds).check_grad_overflow is (value == "true")
+    for other in ("train.precision=fp16", "train.autocast=true"):
+        with pytest.raises(ConfigError, match="check_grad_overflow=false applies to DeepSpeed's bf16 mode"):
+            cfg = load_config(None, ["data.shards=x", "train.steps=1", "train.check_grad_overflow=false", other])
+            make_plan(cfg, 1, 1000)

@@ -12,7 +12,8 @@ esac
 #   1. MAE ViT-L/16, 224 px, bf16 (DeepSpeed's bf16 mode), 100 timed steps on synthetic images, fused
 #      optimizer (DeepSpeed's FusedAdam if it JIT-compiles here, else torch's fused AdamW), then HF ViTMAE
 #      at the same batch: the baseline for this session's ratios.
-#   2. L/16 with train.autocast=true, 3. plus train.compile=true (issue 7's next steps).
+#   2. L/16 with train.autocast=true, then with train.check_grad_overflow=false (bf16 mode), 3. autocast
+#      plus train.compile=true (issue 7's next steps).
 #   4. ViT-H/14 with autocast beside HF, 5. ViT-g/14 likewise; then, if time is left, a profile of L/16
 #      in both precision modes (tools/benchmark.py --profile), L/16 at micro-batch 768 (the memory
 #      prediction's range), with activation checkpointing on every block, under ZeRO-3, and the
@@ -117,6 +118,9 @@ if ((rc != 0 && rc != 124 && rc != 137)) && [[ $OPT == deepspeed ]]; then  # fai
 fi
 # DeepSpeed's torch_autocast mode (1.32x in a plain timing) and torch.compile on top, at the L/16 batch.
 stage L16_autocast 80 --impl largemim --steps 60 --warmup 10 "${COMMON[@]}" "${LARGE[@]}" train.autocast=true
+# DeepSpeed's per-tensor inf/NaN check of every gradient (bf16 mode), off: a helper's reading of DeepSpeed
+# 0.19.8 puts it first among the bf16 mode's per-step costs (BENCHMARKS.md, notes row 10).
+stage L16_nocheck 60 --impl largemim --steps 60 --warmup 10 "${COMMON[@]}" "${LARGE[@]}" train.check_grad_overflow=false
 stage L16_autocast_compile 150 --impl largemim --steps 60 --warmup 15 "${COMMON[@]}" "${LARGE[@]}" \
   train.autocast=true train.compile=true
 # The issue's target model, with autocast, beside HF at the same batch.
