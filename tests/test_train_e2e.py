@@ -56,6 +56,15 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, shard_set):
     assert [a[s]["loss"] for s in a] == [b[s]["loss"] for s in b]
 
 
+def test_skipping_the_overflow_check_gives_the_same_losses(tmp_path, shard_set):
+    """train.check_grad_overflow=false (DeepSpeed's bf16 mode): nothing overflows here, so the same steps."""
+    common = ["ds_config=ds_configs/zero2.json", "train.precision=bf16", "train.steps=4"]
+    run_trainer(tmp_path / "checked", shard_set, common)
+    run_trainer(tmp_path / "unchecked", shard_set, [*common, "train.check_grad_overflow=false"])
+    a, b = read_metrics(tmp_path / "checked"), read_metrics(tmp_path / "unchecked")
+    assert sorted(b) == [1, 2, 3, 4] and [a[s]["loss"] for s in a] == [b[s]["loss"] for s in b]
+
+
 def test_compiled_training_gives_the_eager_losses(tmp_path, shard_set):
     """train.compile (DeepSpeed engine.compile, inductor; about 2 minutes of compiling on 2 CPU cores):
     the same masks and, to float rounding, the same losses as the eager run."""
