@@ -35,6 +35,11 @@ class ModelConfig:
     img_size: int = 224
     in_chans: int = 3
     grad_ckpt_every: int = 0  # checkpoint every k-th encoder block's activations; 0 = off
+    # Choose grad_ckpt_every at start-up: the least checkpointing whose predicted peak memory
+    # (largemim/memory.py, DeepSpeed's bf16/fp16 mode) fits the GPU, logged. grad_ckpt_budget_gib: the
+    # memory the step may use; 0 = the GPU's total less 1 GiB for the CUDA context.
+    grad_ckpt_auto: bool = False
+    grad_ckpt_budget_gib: float = 0.0
     # Initial weights for a new run (ignored when the run folder holds a checkpoint): a largemim run or
     # checkpoint folder, a converted .safetensors, a reference-MAE .pth, timm ViT weights, or a HF folder.
     init_from: str = ""
@@ -304,6 +309,13 @@ def make_plan(cfg: Config, world_size: int, num_samples: int) -> Plan:
         raise ConfigError(f"train.precision={t.precision!r} must be one of bf16, fp16, fp32")
     if t.autocast and t.precision != "bf16":
         raise ConfigError(f"train.autocast needs train.precision=bf16 (got {t.precision})")
+    if cfg.model.grad_ckpt_auto and cfg.model.grad_ckpt_every:
+        raise ConfigError("set model.grad_ckpt_every or model.grad_ckpt_auto=true, not both")
+    if cfg.model.grad_ckpt_auto and (t.precision == "fp32" or t.autocast or cfg.objective.name == "dvae"):
+        raise ConfigError(
+            "model.grad_ckpt_auto predicts memory for DeepSpeed's bf16/fp16 mode and ViT objectives only; "
+            "set model.grad_ckpt_every by hand (tools/memory_table.py helps)"
+        )
     if not t.check_grad_overflow and (t.precision != "bf16" or t.autocast):
         raise ConfigError(
             "train.check_grad_overflow=false applies to DeepSpeed's bf16 mode only (train.precision=bf16, "

@@ -74,12 +74,13 @@ def count_activations(cfg: Config) -> ActivationCount:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
     if dtype == torch.float16:
         dtype = torch.bfloat16  # same sizes; fp16 kernels are missing on some CPUs
-    torch.manual_seed(0)
-    model = build_objective(cfg).to(dtype).train()
-    encoder = getattr(model, "encoder", None)
-    if cfg.model.grad_ckpt_every and encoder is not None:
-        encoder.set_grad_checkpointing(cfg.model.grad_ckpt_every)
-    one, two = _saved_bytes(model, 1, cfg, dtype), _saved_bytes(model, 2, cfg, dtype)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(0)
+        model = build_objective(cfg).to(dtype).train()
+        encoder = getattr(model, "encoder", None)
+        if cfg.model.grad_ckpt_every and encoder is not None:
+            encoder.set_grad_checkpointing(cfg.model.grad_ckpt_every)
+        one, two = _saved_bytes(model, 1, cfg, dtype), _saved_bytes(model, 2, cfg, dtype)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     m = cfg.model
@@ -139,3 +140,42 @@ def largest_micro_batch(
     budget = (gpu_gib - context_gib) * GIB / reserve
     room = budget - predicted_peak(acts, 0, gpus, zero)
     return max(0, int(room // acts.per_image)) if acts.per_image > 0 else 0
+
+
+def checkpointed_blocks(depth: int, every: int) -> int:
+    """Encoder blocks whose activations are recomputed with ``model.grad_ckpt_every=every`` (0 = none)."""
+    return 0 if every <= 0 else -(-depth // every)
+
+
+def choose_grad_ckpt(
+    cfg: Config, ds_json: dict, gpus: int, budget_gib: float, reserve: float = 1.28
+) -> tuple[int, float]:
+    """``model.grad_ckpt_auto``: the least activation checkpointing whose predicted peak fits ``budget_gib``.
+
+    Returns (``grad_ckpt_every``, predicted GiB at that choice, times ``reserve``). Counts the activations
+    without and with every block checkpointed, and between the two in proportion to the blocks
+    checkpointed (each encoder block keeps the same tensors). Tries none, then every ``depth``-th block,
+    and so on down to every block; raises ConfigError naming the figures if even that does not fit."""
+    from largemim.config import ConfigError
+    from largemim.models.sizes import VIT_SIZES
+
+    depth = VIT_SIZES[cfg.model.size].depth
+    zero = zero_config(ds_json)
+    plain = copy.deepcopy(cfg)
+    plain.model.grad_ckpt_every = 0
+    none = count_activations(plain)
+    plain.model.grad_ckpt_every = 1
+    every = count_activations(plain)
+    batch = cfg.train.micro_batch
+    for k in [0, *range(depth, 0, -1)]:
+        n = checkpointed_blocks(depth, k)
+        per_image = none.per_image - (none.per_image - every.per_image) * n // depth
+        acts = ActivationCount(per_image, none.fixed, none.params, none.frozen)
+        need = predicted_peak(acts, batch, gpus, zero) * reserve / GIB
+        if need <= budget_gib:
+            return k, need
+    raise ConfigError(
+        f"model.grad_ckpt_auto: micro-batch {batch} needs about {need:.2f} GiB even with every block "
+        f"checkpointed ({reserve}x the predicted peak), over the {budget_gib:.2f} GiB available; lower "
+        "train.micro_batch (raise train.grad_accum to keep the global batch) or offload (ds_configs/*offload*)"
+    )

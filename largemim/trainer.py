@@ -20,6 +20,7 @@ from largemim.data.stream import StreamSpec, build_train_loader, check_exact_spl
 from largemim.distributed import DistEnv
 from largemim.engine import build_engine, build_model, load_ds_json
 from largemim.flops import peak_tflops, train_flops_per_image
+from largemim.memory import choose_grad_ckpt
 from largemim.monitor import Monitor
 from largemim.run_log import RunLog
 from largemim.signals import StopOnSignal
@@ -61,6 +62,34 @@ def _throughput_model(cfg: Config, device: torch.device) -> tuple[int | None, fl
     return flops, peak_tflops(name, cfg.train.precision, cfg.log.peak_tflops or None)
 
 
+def _choose_grad_ckpt(cfg: Config, ds_json: dict, env: DistEnv) -> None:
+    """model.grad_ckpt_auto: rank 0 predicts (largemim/memory.py) and every rank takes its choice."""
+    budget = cfg.model.grad_ckpt_budget_gib
+    if not budget and env.device.type == "cuda":
+        budget = torch.cuda.get_device_properties(env.device).total_memory / 2**30 - 1.0
+    if not budget:
+        log.warning("model.grad_ckpt_auto: no GPU memory to fit on %s; checkpointing stays off", env.device)
+        return
+    choice = torch.zeros(2, dtype=torch.float64, device=env.device)
+    error = ""
+    if env.rank == 0:
+        try:
+            every, need = choose_grad_ckpt(cfg, ds_json, env.world_size, budget)
+            choice[:] = torch.tensor([every, need], dtype=torch.float64)
+        except ConfigError as e:
+            choice[0], error = -1, str(e)
+    if dist.get_world_size() > 1:
+        dist.broadcast(choice, 0)
+    if choice[0] < 0:
+        raise ConfigError(error or "model.grad_ckpt_auto: nothing fits (see rank 0's error)")
+    cfg.model.grad_ckpt_every = int(choice[0])
+    log.info(
+        "model.grad_ckpt_auto: grad_ckpt_every=%d (%s); predicted peak with margin %.1f GiB of %.1f GiB",
+        cfg.model.grad_ckpt_every, "off" if not cfg.model.grad_ckpt_every else "every k-th encoder block",
+        float(choice[1]), budget,
+    )  # fmt: skip
+
+
 def train(cfg: Config, env: DistEnv) -> dict:
     """Run (or resume) the configured training to its end or to a stop request. Returns a summary."""
     sets = [expand_shards(pattern) for pattern in split_sets(cfg.data.shards)]
@@ -94,6 +123,8 @@ def train(cfg: Config, env: DistEnv) -> dict:
     if init_from and ckpt.latest() is not None:
         log.info("model.init_from=%s ignored: resuming from the run folder's checkpoint", init_from)
         init_from = ""
+    if cfg.model.grad_ckpt_auto:
+        _choose_grad_ckpt(cfg, ds_json, env)
     model = build_model(cfg, ds_json, init_from)
     engine = build_engine(model, cfg, plan, ds_json)
 

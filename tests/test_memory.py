@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from largemim.config import load_config
 from largemim.memory import (
     GIB,
@@ -117,3 +119,42 @@ def test_prediction_within_5_percent_of_the_h200_peaks(tmp_path):
     one_gpu = {tuple(c.strip() for c in line.split("|")[2:4]): int(line.split("|")[4]) for line in table}
     assert one_gpu[("every block", "ZeRO-2")] > 2 * one_gpu[("–", "ZeRO-2")]  # checkpointing frees most
     assert 256 < one_gpu[("–", "ZeRO-2")] < 2000  # 21.4 GiB were measured at 256
+
+
+def test_checkpointing_some_blocks_is_in_proportion():
+    """choose_grad_ckpt interpolates between no and full checkpointing by the blocks checkpointed."""
+    from largemim.memory import checkpointed_blocks
+
+    none = count_activations(cfg("train.precision=bf16")).per_image
+    full = count_activations(cfg("train.precision=bf16", "model.grad_ckpt_every=1")).per_image
+    for every in (2, 4):
+        counted = count_activations(cfg("train.precision=bf16", f"model.grad_ckpt_every={every}")).per_image
+        n = checkpointed_blocks(6, every)  # ViT "micro" has 6 blocks
+        assert abs(counted - (none - (none - full) * n / 6)) < 0.03 * none, every
+
+
+def test_auto_checkpointing_picks_the_least_that_fits():
+    from largemim.config import ConfigError
+    from largemim.memory import choose_grad_ckpt
+
+    ds = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}}
+    c = cfg("train.precision=bf16", "train.micro_batch=512", "model.grad_ckpt_auto=true")
+    none = count_activations(c)
+    full = count_activations(cfg("train.precision=bf16", "model.grad_ckpt_every=1"))
+    need0, need1 = (predicted_peak(a, 512, 1, zero_config(ds)) * 1.28 / GIB for a in (none, full))
+    assert need1 < 0.8 * need0  # at this batch the activations matter
+    assert choose_grad_ckpt(c, ds, 1, budget_gib=need0 * 1.001)[0] == 0  # fits as it is: no checkpointing
+    between, need = choose_grad_ckpt(c, ds, 1, budget_gib=(need0 + need1) / 2)
+    assert between > 0 and need <= (need0 + need1) / 2
+    assert choose_grad_ckpt(c, ds, 1, budget_gib=need1 * 1.001)[0] == 1  # only every block fits
+    with pytest.raises(ConfigError, match="even with every block checkpointed"):
+        choose_grad_ckpt(c, ds, 1, budget_gib=need1 * 0.99)
+
+
+def test_auto_checkpointing_config_checks():
+    from largemim.config import ConfigError, make_plan
+
+    for extra, message in (("model.grad_ckpt_every=2", "not both"), ("train.precision=fp32", "bf16/fp16 mode")):
+        c = cfg("train.steps=1", "model.grad_ckpt_auto=true", extra)
+        with pytest.raises(ConfigError, match=message):
+            make_plan(c, 1, 1000)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -63,6 +64,31 @@ def test_skipping_the_overflow_check_gives_the_same_losses(tmp_path, shard_set):
     run_trainer(tmp_path / "unchecked", shard_set, [*common, "train.check_grad_overflow=false"])
     a, b = read_metrics(tmp_path / "checked"), read_metrics(tmp_path / "unchecked")
     assert sorted(b) == [1, 2, 3, 4] and [a[s]["loss"] for s in a] == [b[s]["loss"] for s in b]
+
+
+def test_auto_checkpointing_checkpoints_when_the_budget_needs_it(tmp_path, shard_set):
+    """model.grad_ckpt_auto with a memory budget between the predicted needs without and with every block
+    checkpointed: the trainer picks some checkpointing, says so, and trains as with that choice by hand."""
+    from largemim.config import load_config
+    from largemim.engine import load_ds_json
+    from largemim.memory import GIB, ActivationCount, count_activations, predicted_peak, zero_config
+
+    common = ["ds_config=ds_configs/zero2.json", "train.precision=bf16", "train.steps=3"]
+    c = load_config(None, [*TINY, "data.shards=x", *common])
+    zero = zero_config(load_ds_json(REPO / "ds_configs/zero2.json"))
+    none = count_activations(c)
+    c.model.grad_ckpt_every = 1
+    full = count_activations(c)
+    need = [predicted_peak(a, c.train.micro_batch, 2, zero) * 1.28 / GIB for a in (none, full)]
+    assert need[1] < need[0] and isinstance(full, ActivationCount)
+    budget = (need[0] + need[1]) / 2
+    auto = run_trainer(tmp_path / "auto", shard_set, [*common, "model.grad_ckpt_auto=true",
+                                                      f"model.grad_ckpt_budget_gib={budget!r}"])  # fmt: skip
+    chosen = re.search(r"model.grad_ckpt_auto: grad_ckpt_every=(\d+)", auto.stdout + auto.stderr)
+    assert chosen and int(chosen.group(1)) > 0, (auto.stdout + auto.stderr)[-3000:]
+    run_trainer(tmp_path / "by_hand", shard_set, [*common, f"model.grad_ckpt_every={chosen.group(1)}"])
+    a, b = read_metrics(tmp_path / "auto"), read_metrics(tmp_path / "by_hand")
+    assert sorted(a) == [1, 2, 3] and [a[s]["loss"] for s in a] == [b[s]["loss"] for s in b]
 
 
 def test_compiled_training_gives_the_eager_losses(tmp_path, shard_set):
