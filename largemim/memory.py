@@ -43,7 +43,9 @@ class ActivationCount:
     per_image: int  # bytes per image of the micro-batch: the input and what autograd keeps for backward
     fixed: int  # bytes kept whatever the micro-batch (usually ~0)
     params: int  # trained parameters (encoder, decoder, heads)
-    frozen: int  # parameters without gradients (data2vec's teacher, BEiT's tokenizer): 16-bit weights only
+    frozen: int  # parameters without gradients (data2vec's teacher, MAE's fixed position table): 16-bit weights
+    extra: int = 0  # bytes of other state on the GPU, kept whole: buffers (data2vec's fp32 EMA master) and
+    # BEiT's tokenizer (fp32, outside the module)
 
 
 def _saved_bytes(model: torch.nn.Module, batch: int, cfg: Config, dtype: torch.dtype) -> int:
@@ -76,7 +78,9 @@ def count_activations(cfg: Config) -> ActivationCount:
         dtype = torch.bfloat16  # same sizes; fp16 kernels are missing on some CPUs
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         torch.manual_seed(0)
-        model = build_objective(cfg).to(dtype).train()
+        model = build_objective(cfg)
+        extra = sum(b.numel() * b.element_size() for b in model.buffers())  # before the cast: fp32 stays fp32
+        model = model.to(dtype).train()
         encoder = getattr(model, "encoder", None)
         if cfg.model.grad_ckpt_every and encoder is not None:
             encoder.set_grad_checkpointing(cfg.model.grad_ckpt_every)
@@ -85,7 +89,10 @@ def count_activations(cfg: Config) -> ActivationCount:
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     m = cfg.model
     batch = m.in_chans * m.img_size * m.img_size * 4  # the normalised fp32 images themselves
-    return ActivationCount(two - one + batch, max(0, 2 * one - two), params, frozen)
+    tokenizer = getattr(getattr(model, "tokenizer", None), "model", None)  # BEiT's, loaded by the forward
+    if isinstance(tokenizer, torch.nn.Module):
+        extra += sum(t.numel() * t.element_size() for t in [*tokenizer.parameters(), *tokenizer.buffers()])
+    return ActivationCount(two - one + batch, max(0, 2 * one - two), params, frozen, extra)
 
 
 def zero_config(ds_json: dict):
@@ -126,9 +133,8 @@ def model_state_bytes(params: int, gpus: int, zero) -> int:
 def predicted_peak(acts: ActivationCount, micro_batch: int, gpus: int, zero) -> int:
     """Bytes allocated at the step's peak (what ``torch.cuda.max_memory_allocated`` reports)."""
     states = model_state_bytes(acts.params, gpus, zero)
-    frozen = 2 * acts.frozen // (max(1, gpus) if int(zero.stage) == 3 else 1)  # weights only (data2vec's fp32 EMA
-    # master, 4 more bytes per teacher parameter, is not counted)
-    return states + frozen + acts.fixed + acts.per_image * micro_batch
+    frozen = 2 * acts.frozen // (max(1, gpus) if int(zero.stage) == 3 else 1)  # 16-bit weights only
+    return states + frozen + acts.extra + acts.fixed + acts.per_image * micro_batch
 
 
 def largest_micro_batch(
@@ -159,7 +165,7 @@ def choose_grad_ckpt(
     from largemim.config import ConfigError
     from largemim.models.sizes import VIT_SIZES
 
-    depth = VIT_SIZES[cfg.model.size].depth
+    depth = VIT_SIZES[cfg.model.size].depth  # the encoder's blocks (grad_ckpt_every applies to these)
     zero = zero_config(ds_json)
     plain = copy.deepcopy(cfg)
     plain.model.grad_ckpt_every = 0
@@ -170,7 +176,7 @@ def choose_grad_ckpt(
     for k in [0, *range(depth, 0, -1)]:
         n = checkpointed_blocks(depth, k)
         per_image = none.per_image - (none.per_image - every.per_image) * n // depth
-        acts = ActivationCount(per_image, none.fixed, none.params, none.frozen)
+        acts = ActivationCount(per_image, none.fixed, none.params, none.frozen, none.extra)
         need = predicted_peak(acts, batch, gpus, zero) * reserve / GIB
         if need <= budget_gib:
             return k, need

@@ -62,6 +62,15 @@ def _throughput_model(cfg: Config, device: torch.device) -> tuple[int | None, fl
     return flops, peak_tflops(name, cfg.train.precision, cfg.log.peak_tflops or None)
 
 
+def _keep_configured_clip(engine, cfg: Config) -> None:
+    """DeepSpeed's ZeRO-1/2 optimizer takes the clip value saved in the checkpoint back on load (at the same
+    world size, not through the universal format); the run's configured optim.grad_clip wins."""
+    saved = getattr(engine.optimizer, "clip_grad", None)
+    if saved is not None and float(saved) != float(cfg.optim.grad_clip):
+        log.info("optim.grad_clip=%g replaces the clip of %g saved in the checkpoint", cfg.optim.grad_clip, saved)
+        engine.optimizer.clip_grad = float(cfg.optim.grad_clip)
+
+
 def _choose_grad_ckpt(cfg: Config, ds_json: dict, env: DistEnv) -> None:
     """model.grad_ckpt_auto: rank 0 predicts (largemim/memory.py) and every rank takes its choice."""
     budget = cfg.model.grad_ckpt_budget_gib
@@ -71,17 +80,19 @@ def _choose_grad_ckpt(cfg: Config, ds_json: dict, env: DistEnv) -> None:
         log.warning("model.grad_ckpt_auto: no GPU memory to fit on %s; checkpointing stays off", env.device)
         return
     choice = torch.zeros(2, dtype=torch.float64, device=env.device)
-    error = ""
+    failure: Exception | None = None
     if env.rank == 0:
         try:
             every, need = choose_grad_ckpt(cfg, ds_json, env.world_size, budget)
             choice[:] = torch.tensor([every, need], dtype=torch.float64)
-        except ConfigError as e:
-            choice[0], error = -1, str(e)
+        except Exception as e:  # noqa: BLE001 - the other ranks must hear of any failure, not wait for it
+            choice[0], failure = -1, e
     if dist.get_world_size() > 1:
         dist.broadcast(choice, 0)
+    if failure is not None:
+        raise failure
     if choice[0] < 0:
-        raise ConfigError(error or "model.grad_ckpt_auto: nothing fits (see rank 0's error)")
+        raise ConfigError("model.grad_ckpt_auto failed on rank 0 (its error is in the log)")
     cfg.model.grad_ckpt_every = int(choice[0])
     log.info(
         "model.grad_ckpt_auto: grad_ckpt_every=%d (%s); predicted peak with margin %.1f GiB of %.1f GiB",
@@ -138,6 +149,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
     client = ckpt.load_latest(engine, universal)
     start = 0
     if client is not None:
+        _keep_configured_clip(engine, cfg)
         start = int(client["step"])
         saved = client.get("data", {})
         changed = {k: (saved.get(k), v) for k, v in data_state.items() if saved.get(k) != v}

@@ -145,3 +145,12 @@ def test_check_grad_overflow_is_a_bf16_mode_switch():
         with pytest.raises(ConfigError, match="check_grad_overflow=false applies to DeepSpeed's bf16 mode"):
             cfg = load_config(None, ["data.shards=x", "train.steps=1", "train.check_grad_overflow=false", other])
             make_plan(cfg, 1, 1000)
+
+
+def test_skipping_the_overflow_check_is_refused_where_deepspeed_ignores_it():
+    from largemim.engine import build_model
+
+    cfg = load_config(None, ["data.shards=x", "train.steps=1", "train.check_grad_overflow=false"])
+    for stage in (0, 3):
+        with pytest.raises(ConfigError, match="has an effect under ZeRO-1/2 only"):
+            build_model(cfg, {"zero_optimization": {"stage": stage}})

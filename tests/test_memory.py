@@ -158,3 +158,13 @@ def test_auto_checkpointing_config_checks():
         c = cfg("train.steps=1", "model.grad_ckpt_auto=true", extra)
         with pytest.raises(ConfigError, match=message):
             make_plan(c, 1, 1000)
+
+
+def test_state_outside_the_parameters_is_counted():
+    """data2vec's fp32 EMA master (a buffer) is on the GPU beside the 16-bit teacher."""
+    c = load_config(REPO / "largemim/recipes/data2vec_tiny_cpu.yaml", ["data.shards=synthetic"])
+    acts = count_activations(c)
+    assert acts.frozen > 0 and acts.extra > 3.9 * acts.frozen  # the teacher's fp32 average (fixed table aside)
+    zero = zero_config({"zero_optimization": {"stage": 2}})
+    assert predicted_peak(acts, 1, 1, zero) > predicted_peak(ActivationCount(acts.per_image, acts.fixed, acts.params,
+                                                                             acts.frozen), 1, 1, zero)  # fmt: skip

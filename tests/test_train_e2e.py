@@ -91,6 +91,16 @@ def test_auto_checkpointing_checkpoints_when_the_budget_needs_it(tmp_path, shard
     assert sorted(a) == [1, 2, 3] and [a[s]["loss"] for s in a] == [b[s]["loss"] for s in b]
 
 
+def test_resume_takes_the_configured_grad_clip(tmp_path, shard_set):
+    """DeepSpeed's ZeRO-2 optimizer brings back the clip saved in the checkpoint; the run's config wins."""
+    common = ["ds_config=ds_configs/zero2.json", "train.precision=fp32", "train.steps=4", "checkpoint.every_steps=2"]
+    run = tmp_path / "run"
+    run_trainer(run, shard_set, [*common, "optim.grad_clip=0.5"])
+    shutil.rmtree(run / "checkpoints/step_00000004")  # as if stopped after step 2
+    proc = run_trainer(run, shard_set, [*common, "optim.grad_clip=0"])
+    assert "optim.grad_clip=0 replaces the clip of 0.5 saved in the checkpoint" in proc.stdout + proc.stderr
+
+
 def test_compiled_training_gives_the_eager_losses(tmp_path, shard_set):
     """train.compile (DeepSpeed engine.compile, inductor; about 2 minutes of compiling on 2 CPU cores):
     the same masks and, to float rounding, the same losses as the eager run."""

@@ -91,9 +91,14 @@ def select_device(choice: str) -> str:
 
 def bench_config(args: argparse.Namespace):
     """The typed config, with the run length set by --warmup/--steps (data is synthetic)."""
-    from largemim.config import load_config
+    from largemim.config import ConfigError, load_config
 
     cfg = load_config(args.config, ["data.shards=synthetic", *args.overrides])
+    if cfg.model.grad_ckpt_auto:
+        raise ConfigError(
+            "tools/benchmark.py times a fixed configuration: set model.grad_ckpt_every instead of "
+            "model.grad_ckpt_auto (tools/memory_table.py shows what auto would pick)"
+        )
     cfg.train.steps, cfg.train.epochs = args.warmup + args.steps, 0.0
     cfg.train.warmup_steps, cfg.train.warmup_epochs = 0, 0.0
     return cfg
