@@ -12,12 +12,13 @@ esac
 #   1. MAE ViT-L/16, 224 px, bf16 (DeepSpeed's bf16 mode), 100 timed steps on synthetic images, fused
 #      optimizer (DeepSpeed's FusedAdam if it JIT-compiles here, else torch's fused AdamW), then HF ViTMAE
 #      at the same batch: the baseline for this session's ratios.
-#   2. L/16 with train.autocast=true, then with train.check_grad_overflow=false (bf16 mode), 3. autocast
-#      plus train.compile=true (issue 7's next steps).
+#   2. L/16 with train.autocast=true, then with train.check_grad_overflow=false (bf16 mode); the
+#      data.decode=device loader timing if build/photo_sets was carried; 3. autocast plus
+#      train.compile=true (issue 7's next steps).
 #   4. ViT-H/14 with autocast beside HF, 5. ViT-g/14 likewise; then, if time is left, a profile of L/16
 #      in both precision modes (tools/benchmark.py --profile), L/16 at micro-batch 768 (the memory
-#      prediction's range), with activation checkpointing on every block, under ZeRO-3, and the
-#      device-decode loader timing; last, tools/memory_table.py --check on this session's peaks.
+#      prediction's range), with activation checkpointing on every block, and under ZeRO-3; last,
+#      tools/memory_table.py --check on this session's peaks. All stages need BUDGET_S=420 or more.
 #
 # Each stage runs under `timeout`, and a stage that would overrun the budget (BUDGET_S, default 330 s
 # after the install) is cut short or skipped, so one failure cannot eat the session.
@@ -121,6 +122,14 @@ stage L16_autocast 80 --impl largemim --steps 60 --warmup 10 "${COMMON[@]}" "${L
 # DeepSpeed's per-tensor inf/NaN check of every gradient (bf16 mode), off: a helper's reading of DeepSpeed
 # 0.19.8 puts it first among the bf16 mode's per-step costs (BENCHMARKS.md, notes row 10).
 stage L16_nocheck 60 --impl largemim --steps 60 --warmup 10 "${COMMON[@]}" "${LARGE[@]}" train.check_grad_overflow=false
+# Issue 3 part 8: data.decode=device (nvJPEG) against the CPU pipelines, on photo sets carried in
+# build/photo_sets (tools/make_photo_sets.py --imagenet 200 --web 80 keeps them under the 64 MiB carry with .whl/).
+if [[ -f build/photo_sets/web_size/manifest.json ]] && ((BUDGET - (SECONDS - T0) > 40)); then
+  echo "== loader: data.decode=device on the GPU, started at $((SECONDS - T0)) s"
+  timeout --kill-after=5 60 python3 tools/bench_loader.py --repeats 2 --device cuda >"$OUT/loader.log" 2>&1
+  tail -n 5 "$OUT/loader.log"
+fi
+
 stage L16_autocast_compile 150 --impl largemim --steps 60 --warmup 15 "${COMMON[@]}" "${LARGE[@]}" \
   train.autocast=true train.compile=true
 # The issue's target model, with autocast, beside HF at the same batch.
@@ -138,14 +147,6 @@ stage L16_mb768 60 --impl largemim --steps 10 --warmup 3 "${COMMON[@]}" model.si
   train.micro_batch=768
 stage L16_ckpt 60 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" "${LARGE[@]}" model.grad_ckpt_every=1
 stage L16_zero3 60 --impl largemim --steps 30 --warmup 5 "${COMMON[@]}" "${LARGE[@]}" ds_config=ds_configs/zero3.json
-
-# Issue 3 part 8: data.decode=device (nvJPEG) against the CPU pipelines, on photo sets carried in
-# build/photo_sets (tools/make_photo_sets.py --imagenet 200 --web 80 keeps them under the 64 MiB carry with .whl/).
-if [[ -f build/photo_sets/web_size/manifest.json ]] && ((BUDGET - (SECONDS - T0) > 40)); then
-  echo "== loader: data.decode=device on the GPU, started at $((SECONDS - T0)) s"
-  timeout --kill-after=5 60 python3 tools/bench_loader.py --repeats 2 --device cuda >"$OUT/loader.log" 2>&1
-  tail -n 5 "$OUT/loader.log"
-fi
 
 echo "== done after $((SECONDS - T0)) s; $(wc -l <"$J") JSON lines in $J"
 # Predicted against measured peak memory for every row above (counted on this machine's CPU; ~1 min).
