@@ -20,7 +20,7 @@ esac
 #      prediction's range), with activation checkpointing on every block, and under ZeRO-3; last,
 #      tools/memory_table.py --check on this session's peaks. All stages need BUDGET_S=420 or more.
 #
-# Each stage runs under `timeout`, and a stage that would overrun the budget (BUDGET_S, default 330 s
+# Each stage runs under `timeout`, and a stage that would overrun the budget (BUDGET_S, default 420 s
 # after the install) is cut short or skipped, so one failure cannot eat the session.
 set -u
 OUT=${OUT:-$PWD/runs/gpu_check}
@@ -31,7 +31,7 @@ unset DS_ACCELERATOR  # this machine's CPU-only setting must not travel
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8 TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
 T0=$SECONDS
-BUDGET=${BUDGET_S:-330}
+BUDGET=${BUDGET_S:-420}
 
 nvidia-smi
 nvidia-smi --query-gpu=name,compute_cap,memory.total,clocks.max.sm,power.limit --format=csv
