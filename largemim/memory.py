@@ -68,8 +68,8 @@ def _saved_bytes(model: torch.nn.Module, batch: int, cfg: Config, dtype: torch.d
 
 def count_activations(cfg: Config) -> ActivationCount:
     """Bytes of activations per image for ``cfg``'s objective, model, mask ratio, checkpointing and precision
-    (DeepSpeed's bf16/fp16 mode: the whole module in that dtype). Builds the model on the CPU: a few
-    seconds for ViT-L, about half a minute for ViT-g."""
+    (DeepSpeed's bf16/fp16 mode: the whole module in that dtype). Builds the model on the CPU: about 5
+    seconds for ViT-L and 15 for ViT-g on two cores."""
     from largemim.objectives import build_objective
 
     cfg = copy.deepcopy(cfg)
