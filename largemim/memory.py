@@ -28,7 +28,7 @@ Only DeepSpeed's bf16/fp16 mode is modelled; ``train.autocast`` (fp32 weights) i
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,21 +70,27 @@ def count_activations(cfg: Config) -> ActivationCount:
     """Bytes of activations per image for ``cfg``'s objective, model, mask ratio, checkpointing and precision
     (DeepSpeed's bf16/fp16 mode: the whole module in that dtype). Builds the model on the CPU: about 5
     seconds for ViT-L and 15 for ViT-g on two cores."""
+    return count_activations_each(cfg, [cfg.model.grad_ckpt_every])[0]
+
+
+def count_activations_each(cfg: Config, grad_ckpt_every: Sequence[int]) -> list[ActivationCount]:
+    """:func:`count_activations` at each of several ``model.grad_ckpt_every`` settings, from one build."""
     from largemim.objectives import build_objective
 
-    cfg = copy.deepcopy(cfg)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
     if dtype == torch.float16:
         dtype = torch.bfloat16  # same sizes; fp16 kernels are missing on some CPUs
+    counts = []
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         torch.manual_seed(0)
         model = build_objective(cfg)
         extra = sum(b.numel() * b.element_size() for b in model.buffers())  # before the cast: fp32 stays fp32
         model = model.to(dtype).train()
         encoder = getattr(model, "encoder", None)
-        if cfg.model.grad_ckpt_every and encoder is not None:
-            encoder.set_grad_checkpointing(cfg.model.grad_ckpt_every)
-        one, two = _saved_bytes(model, 1, cfg, dtype), _saved_bytes(model, 2, cfg, dtype)
+        for every in grad_ckpt_every:
+            if encoder is not None:
+                encoder.set_grad_checkpointing(every)
+            counts.append((_saved_bytes(model, 1, cfg, dtype), _saved_bytes(model, 2, cfg, dtype)))
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     m = cfg.model
@@ -92,7 +98,7 @@ def count_activations(cfg: Config) -> ActivationCount:
     tokenizer = getattr(getattr(model, "tokenizer", None), "model", None)  # BEiT's, loaded by the forward
     if isinstance(tokenizer, torch.nn.Module):
         extra += sum(t.numel() * t.element_size() for t in [*tokenizer.parameters(), *tokenizer.buffers()])
-    return ActivationCount(two - one + batch, max(0, 2 * one - two), params, frozen, extra)
+    return [ActivationCount(two - one + batch, max(0, 2 * one - two), params, frozen, extra) for one, two in counts]
 
 
 def zero_config(ds_json: dict):
@@ -167,11 +173,7 @@ def choose_grad_ckpt(
 
     depth = VIT_SIZES[cfg.model.size].depth  # the encoder's blocks (grad_ckpt_every applies to these)
     zero = zero_config(ds_json)
-    plain = copy.deepcopy(cfg)
-    plain.model.grad_ckpt_every = 0
-    none = count_activations(plain)
-    plain.model.grad_ckpt_every = 1
-    every = count_activations(plain)
+    none, every = count_activations_each(cfg, (0, 1))
     batch = cfg.train.micro_batch
     for k in [0, *range(depth, 0, -1)]:
         n = checkpointed_blocks(depth, k)

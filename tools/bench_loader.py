@@ -162,7 +162,6 @@ def main() -> None:
         cells = "".join(f"{best[c]:>14.1f}" for c in cols)
         mark = "ok" if ratio >= TARGETS[name] else "MISSED"
         print(f"{name:<14}{n:>7}{f'{w}x{h}':>12}{cells}{ratio:>7.2f}x{as_run:>7.2f}x{f'>={TARGETS[name]}x':>8} {mark}")
-    fast = pipelines["largemim"]
     print(
         f"largemim decoded {fast.partial_decodes} JPEGs only down to the crop; {fast.partial_fallbacks} partial "
         "decodes could not be confirmed and were redone whole (a black last row, or damage above it)"
