@@ -71,14 +71,12 @@ def test_auto_checkpointing_checkpoints_when_the_budget_needs_it(tmp_path, shard
     checkpointed: the trainer picks some checkpointing, says so, and trains as with that choice by hand."""
     from largemim.config import load_config
     from largemim.engine import load_ds_json
-    from largemim.memory import GIB, ActivationCount, count_activations, predicted_peak, zero_config
+    from largemim.memory import GIB, ActivationCount, count_activations_each, predicted_peak, zero_config
 
     common = ["ds_config=ds_configs/zero2.json", "train.precision=bf16", "train.steps=3"]
     c = load_config(None, [*TINY, "data.shards=x", *common])
     zero = zero_config(load_ds_json(REPO / "ds_configs/zero2.json"))
-    none = count_activations(c)
-    c.model.grad_ckpt_every = 1
-    full = count_activations(c)
+    none, full = count_activations_each(c, (0, 1))
     need = [predicted_peak(a, c.train.micro_batch, 2, zero) * 1.28 / GIB for a in (none, full)]
     assert need[1] < need[0] and isinstance(full, ActivationCount)
     budget = (need[0] + need[1]) / 2
