@@ -134,6 +134,9 @@ class TrainConfig:
     # trainer stops on a non-finite loss at the next log line; false saves that work (a step with a
     # non-finite gradient is then applied, and the run stops at the next log line instead).
     check_grad_overflow: bool = True
+    # ZeRO-1/2: DeepSpeed's inf/NaN test and gradient norm as one multi-tensor kernel each instead of a
+    # Python loop of small kernels per parameter tensor (largemim/grad_checks.py); false keeps DeepSpeed's.
+    foreach_grad_checks: bool = True
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from largemim import grad_checks
 from largemim.config import Config, ConfigError, Plan
 from largemim.schedule import lr_factor
 
@@ -182,6 +183,8 @@ def build_engine(model: nn.Module, cfg: Config, plan: Plan, ds_json: dict):
         config=ds,
     )
     log.info("engine: ZeRO-%d, %s, optimizer %s", zero_stage(ds), cfg.train.precision, type(engine.optimizer).__name__)
+    if cfg.train.foreach_grad_checks and zero_stage(ds) in (1, 2):
+        grad_checks.install(engine.optimizer)
     if cfg.train.compile:
         import torch._inductor.config as inductor
 

@@ -57,13 +57,19 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, shard_set):
     assert [a[s]["loss"] for s in a] == [b[s]["loss"] for s in b]
 
 
-def test_skipping_the_overflow_check_gives_the_same_losses(tmp_path, shard_set):
-    """train.check_grad_overflow=false (DeepSpeed's bf16 mode): nothing overflows here, so the same steps."""
-    common = ["ds_config=ds_configs/zero2.json", "train.precision=bf16", "train.steps=4"]
+def test_gradient_checks_give_the_same_losses(tmp_path, shard_set):
+    """DeepSpeed's bf16 mode with clipping: train.check_grad_overflow=false takes the same steps (nothing
+    overflows here), and DeepSpeed's own per-tensor loops (train.foreach_grad_checks=false) the same steps
+    as largemim's multi-tensor checks, up to the fp32 (not fp64) accumulation of each tensor's norm."""
+    common = ["ds_config=ds_configs/zero2.json", "train.precision=bf16", "train.steps=4", "optim.grad_clip=0.05"]
     run_trainer(tmp_path / "checked", shard_set, common)
     run_trainer(tmp_path / "unchecked", shard_set, [*common, "train.check_grad_overflow=false"])
-    a, b = read_metrics(tmp_path / "checked"), read_metrics(tmp_path / "unchecked")
+    run_trainer(tmp_path / "deepspeed", shard_set, [*common, "train.foreach_grad_checks=false"])
+    a, b, c = (read_metrics(tmp_path / name) for name in ("checked", "unchecked", "deepspeed"))
     assert sorted(b) == [1, 2, 3, 4] and [a[s]["loss"] for s in a] == [b[s]["loss"] for s in b]
+    assert all(a[s]["grad_norm"] > 0.05 for s in a)  # clipping acts at every step, so the norm matters
+    for key in ("loss", "grad_norm"):
+        assert [c[s][key] for s in c] == pytest.approx([a[s][key] for s in a], rel=1e-4), key
 
 
 def test_auto_checkpointing_checkpoints_when_the_budget_needs_it(tmp_path, shard_set):

@@ -58,6 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the host's share of the step, to stderr",
     )
     ap.add_argument("--trace-dir", help="with --profile: also write a Chrome trace per implementation here")
+    ap.add_argument(
+        "--count-ops",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, count the operators N more steps of each implementation dispatch, per phase "
+        "(forward, backward, optimizer step): device kernels, host syncs and metadata-only views, to stderr",
+    )
     ap.add_argument("--sweep-memory", action="store_true", help="largest micro-batch per ZeRO stage, +/- act. ckpt")
     ap.add_argument(
         "--sweep-configs",
@@ -171,6 +179,81 @@ def profile_steps(step, args, device, label: str) -> None:
         prof.export_chrome_trace(str(Path(args.trace_dir) / f"{label}.json"))
 
 
+# Operators that read a device value back to the host: on a GPU each one waits for every kernel queued
+# before it (``.item()``, ``bool(t)`` and ``torch.equal`` dispatch to ``_local_scalar_dense``/``equal``;
+# ``nonzero`` and ``masked_select`` need their output size).
+HOST_SYNC_OPS = frozenset(
+    {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "masked_select", "_unique2", "unique_dim"}
+)
+
+
+def count_ops(phases, args, device, label: str) -> dict | None:
+    """``--count-ops N``: operators dispatched per step in each phase, averaged over N steps.
+
+    Counted with a ``TorchDispatchMode``, so the count is the same on any device for the same code path:
+    every operator costs the host a dispatch (microseconds of Python and C++), and each "kernel" also
+    launches device work that the GPU runs in order. Views (``view``, ``detach``, ``t``, ...) only make
+    a new tensor header. A host sync stalls the host until the GPU has drained its queue; on a CPU every
+    read-back is counted (torch's non-fused optimizers read their CPU step counters too)."""
+    if args.count_ops <= 0:
+        return None
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    cuda = device.type == "cuda"
+
+    class Counter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.kernels = self.views = self.syncs = 0
+            self.by_op: dict[str, int] = {}
+
+        def __torch_dispatch__(self, func, types, a=(), kw=None):
+            name = func.overloadpacket.__name__
+            self.by_op[name] = self.by_op.get(name, 0) + 1
+            if name in HOST_SYNC_OPS:
+                if not cuda or any(isinstance(t, torch.Tensor) and t.is_cuda for t in a):
+                    self.syncs += 1
+            elif getattr(func, "is_view", False):
+                self.views += 1
+            elif not name.startswith("_record_function"):  # profiler markers
+                self.kernels += 1
+            return func(*a, **(kw or {}))
+
+    counters = {name: Counter() for name, _ in phases}
+    for _ in range(args.count_ops):
+        for name, fn in phases:
+            with counters[name]:
+                fn()
+    n = args.count_ops
+    per_phase = {
+        name: {"kernels": c.kernels / n, "syncs": c.syncs / n, "views": c.views / n} for name, c in counters.items()
+    }
+    total = {k: sum(p[k] for p in per_phase.values()) for k in ("kernels", "syncs", "views")}
+    top_step = sorted(counters["step"].by_op.items(), key=lambda kv: -kv[1])[:8]
+    text = ", ".join(f"{name} {p['kernels']:.0f}" for name, p in per_phase.items())
+    print(
+        f"   {label}: operators per step: device kernels {total['kernels']:.0f} ({text}), host syncs "
+        f"{total['syncs']:.0f}, views {total['views']:.0f}; step's most frequent: "
+        + ", ".join(f"{k} {v / n:.0f}" for k, v in top_step),
+        file=sys.stderr,
+        flush=True,
+    )
+    return {"phases": per_phase, "total": total, "step_top_ops": {k: v / n for k, v in top_step}}
+
+
+def compose(phases):
+    """One training step from its phases; returns what the last phase returns (the loss)."""
+
+    def step():
+        result = None
+        for _, fn in phases:
+            result = fn()
+        return result
+
+    return step
+
+
 def reset_memory(device) -> float:
     """Free what the previous implementation left and start a new peak; returns GiB still allocated."""
     import torch
@@ -251,14 +334,23 @@ def run_largemim(cfg, args, device) -> dict:
     engine.train()
     images = synthetic_images(cfg, device)
 
-    def step():
-        out = engine(images)
-        engine.backward(out["loss"])
-        engine.step()
-        return out["loss"].detach()
+    state = {}
 
+    def forward():
+        state["out"] = engine(images)
+
+    def backward():
+        engine.backward(state["out"]["loss"])
+
+    def optimizer_step():
+        engine.step()
+        return state.pop("out")["loss"].detach()
+
+    phases = [("forward", forward), ("backward", backward), ("step", optimizer_step)]
+    step = compose(phases)
     seconds, loss = time_steps(step, args.warmup, args.steps, device)
     profile_steps(step, args, device, "largemim")
+    ops = count_ops(phases, args, device, "largemim")
     optimizer = type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__
     fused = getattr(getattr(engine.optimizer, "optimizer", engine.optimizer), "defaults", {}).get("fused")
     mode = f"DeepSpeed {cfg.train.precision}" if cfg.train.precision != "fp32" else "fp32"
@@ -274,6 +366,7 @@ def run_largemim(cfg, args, device) -> dict:
         "loss": loss,
         "mem_before_gib": round(mem_before, 3),
         **peak_memory(device, mem_before),
+        **({"ops_per_step": ops} if ops else {}),
     }
     return result
 
@@ -332,7 +425,7 @@ def run_hf(cfg, args, device) -> dict:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
+    fused = device.type == "cuda" or cfg.optim.impl == "torch_fused"  # on a CPU only when asked (as largemim)
     lr = make_plan(cfg, world_size=1, num_samples=1 << 40).lr  # the same as largemim's (no effect on speed)
     opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=fused)
     precision = cfg.train.precision
@@ -343,26 +436,35 @@ def run_hf(cfg, args, device) -> dict:
     params = [p for g in groups for p in g["params"]]
     images = synthetic_images(cfg, device)
 
-    def step():
+    state = {}
+
+    def forward():
         with autocast:
-            loss = model(pixel_values=images).loss
+            state["loss"] = model(pixel_values=images).loss
+
+    def backward():
+        loss = state["loss"]
+        (loss if scaler is None else scaler.scale(loss)).backward()
+
+    def optimizer_step():
         if scaler is not None:
-            scaler.scale(loss).backward()
             if cfg.optim.grad_clip:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             scaler.step(opt)
             scaler.update()
         else:
-            loss.backward()
             if cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return state.pop("loss").detach()
 
+    phases = [("forward", forward), ("backward", backward), ("step", optimizer_step)]
+    step = compose(phases)
     seconds, loss = time_steps(step, args.warmup, args.steps, device)
     profile_steps(step, args, device, "hf")
+    ops = count_ops(phases, args, device, "hf")
     result = {
         "impl": "hf",
         "zero_stage": None,
@@ -373,6 +475,7 @@ def run_hf(cfg, args, device) -> dict:
         "loss": loss,
         "mem_before_gib": round(mem_before, 3),
         **peak_memory(device, mem_before),
+        **({"ops_per_step": ops} if ops else {}),
     }
     return result
 
@@ -580,6 +683,9 @@ def benchmark(args, emit) -> int:
         cfg = bench_config(args)
     except ConfigError as e:
         print(f"benchmark: config error: {e}", file=sys.stderr)
+        return 2
+    if args.count_ops and cfg.train.compile:
+        print("benchmark: --count-ops counts eager operators; drop train.compile=true for it", file=sys.stderr)
         return 2
     impls = ["largemim", "hf"] if args.impl == "both" else [args.impl]
     if "hf" in impls:
