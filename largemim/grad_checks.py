@@ -28,9 +28,11 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 
+@torch.no_grad()
 def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Each tensor's 2-norm, accumulated and returned in fp32, stacked into one vector."""
-    return torch.stack(torch._foreach_norm([t.detach() for t in tensors], 2, dtype=torch.float32))
+    """Each tensor's 2-norm, accumulated and returned in fp32, stacked into one vector (no view per tensor:
+    even a ``detach`` costs the host a dispatch)."""
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
 
 
 def _grad_norm_direct(self, gradients, params, norm_type=2):

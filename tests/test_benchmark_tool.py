@@ -39,6 +39,7 @@ def test_both_implementations_report(tmp_path):
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(TOOL), "--device", "cpu", "--steps", "2", "--warmup", "1", "--jsonl", str(jsonl)]
     cmd += [*TINY, "ds_config=ds_configs/zero2.json", "train.precision=bf16", "model.grad_ckpt_every=2"]
+    cmd += ["--count-ops", "1", "optim.impl=torch_fused"]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-4000:]
     records = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
@@ -50,6 +51,13 @@ def test_both_implementations_report(tmp_path):
         assert r["gflop_per_image"] > 0 and r["mfu"] is None  # no known peak on a CPU
         assert r["loss"] == r["loss"]  # not NaN
     assert throughput["largemim"]["zero_stage"] == 2
+    # --count-ops: per-phase operator counts; both optimizer steps are a few multi-tensor kernels (fused
+    # AdamW; largemim's ZeRO-2 gradient checks through largemim/grad_checks.py), not one per tensor
+    ops = {impl: r["ops_per_step"]["phases"] for impl, r in throughput.items()}
+    for phases in ops.values():
+        assert phases["forward"]["kernels"] > 20 and phases["backward"]["kernels"] > phases["forward"]["kernels"]
+    assert ops["hf"]["step"]["kernels"] < 10 and ops["largemim"]["step"]["kernels"] < 80
+    assert "largemim: operators per step: device kernels" in p.stderr
     ratio = [r for r in records if r["kind"] == "ratio"]
     assert len(ratio) == 1
     expected = throughput["largemim"]["images_per_s"] / throughput["hf"]["images_per_s"]
@@ -95,6 +103,13 @@ def test_overrides_and_options_mix():
     """The sweep puts the swept keys after the options; argparse must not take them for strays."""
     args = load_tool().parse_args(["model.size=nano", "--steps", "3", "train.micro_batch=8", "--impl", "hf"])
     assert args.overrides == ["model.size=nano", "train.micro_batch=8"] and args.steps == 3 and args.impl == "hf"
+
+
+def test_count_ops_refuses_a_compiled_model(capsys):
+    tool = load_tool()
+    args = tool.parse_args(["--count-ops", "1", *TINY, "train.compile=true"])
+    assert tool.benchmark(args, print) == 2
+    assert "--count-ops counts eager operators" in capsys.readouterr().err
 
 
 def test_sweep_memory_needs_cuda(capsys):

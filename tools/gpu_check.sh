@@ -12,11 +12,12 @@ esac
 #   1. MAE ViT-L/16, 224 px, bf16 (DeepSpeed's bf16 mode), 100 timed steps on synthetic images, fused
 #      optimizer (DeepSpeed's FusedAdam if it JIT-compiles here, else torch's fused AdamW), then HF ViTMAE
 #      at the same batch: the baseline for this session's ratios.
-#   2. L/16 with train.autocast=true, then with train.check_grad_overflow=false (bf16 mode); the
-#      data.decode=device loader timing if build/photo_sets was carried; 3. autocast plus
-#      train.compile=true (issue 7's next steps).
+#   2. L/16 with DeepSpeed's own per-tensor gradient checks (train.foreach_grad_checks=false), then with
+#      train.autocast=true; the data.decode=device loader timing if build/photo_sets was carried;
+#      3. autocast plus train.compile=true (issue 7's next steps).
 #   4. ViT-H/14 with autocast beside HF, 5. ViT-g/14 likewise; then, if time is left, a profile of L/16
-#      in both precision modes (tools/benchmark.py --profile), L/16 at micro-batch 768 (the memory
+#      in both precision modes (tools/benchmark.py --profile), L/16 without the bf16 overflow test,
+#      L/16 at micro-batch 768 (the memory
 #      prediction's range), with activation checkpointing on every block, and under ZeRO-3; last,
 #      tools/memory_table.py --check on this session's peaks. All stages need BUDGET_S=420 or more.
 #
@@ -87,7 +88,7 @@ stage() {  # stage NAME LIMIT_S benchmark-args...
   echo "== $name: limit $limit s, started at $((SECONDS - T0)) s"
   timeout --kill-after=10 "$limit" python3 tools/benchmark.py --jsonl "$J" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
-  grep -E "img/s|ratio:|ms per step|^benchmark:|Error|error:" "$OUT/$name.log" | grep -v Warning | tail -n 8
+  grep -E "img/s|ratio:|ms per step|operators per step|^benchmark:|Error|error:" "$OUT/$name.log" | grep -v Warning | tail -n 8
   if ((rc != 0)); then
     echo "   exit $rc; last lines:"
     tail -n 15 "$OUT/$name.log"
@@ -109,7 +110,7 @@ common
 # whether SDPA's flash kernel accepts this GPU, precision and both head sizes.
 # Order (2026-11-26 revision): what issue 7 needs measured next comes first. L/16 and g/14 in DeepSpeed's
 # bf16 mode are already in BENCHMARKS.md; the baseline is repeated (shorter) for same-session ratios.
-stage L16 90 --impl "$IMPL" --steps 100 --warmup 20 "${COMMON[@]}" "${LARGE[@]}"
+stage L16 90 --impl "$IMPL" --steps 100 --warmup 20 "${COMMON[@]}" "${LARGE[@]}" --count-ops 1
 rc=$?
 if ((rc != 0 && rc != 124 && rc != 137)) && [[ $OPT == deepspeed ]]; then  # failed, not timed out
   echo "!! L16 failed with DeepSpeed's FusedAdam: again with torch's fused AdamW"
@@ -117,11 +118,12 @@ if ((rc != 0 && rc != 124 && rc != 137)) && [[ $OPT == deepspeed ]]; then  # fai
   common
   stage L16_torchadam 90 --impl "$IMPL" --steps 100 --warmup 10 "${COMMON[@]}" "${LARGE[@]}"
 fi
+# The same with DeepSpeed's own per-tensor gradient checks (the 2026-11-26 baseline): what
+# train.foreach_grad_checks (on above, by default) gains, in one session (BENCHMARKS.md, notes row 13).
+stage L16_dsloops 60 --impl largemim --steps 60 --warmup 10 "${COMMON[@]}" "${LARGE[@]}" --count-ops 1 \
+  train.foreach_grad_checks=false
 # DeepSpeed's torch_autocast mode (1.32x in a plain timing) and torch.compile on top, at the L/16 batch.
 stage L16_autocast 80 --impl largemim --steps 60 --warmup 10 "${COMMON[@]}" "${LARGE[@]}" train.autocast=true
-# DeepSpeed's per-tensor inf/NaN check of every gradient (bf16 mode), off: a helper's reading of DeepSpeed
-# 0.19.8 puts it first among the bf16 mode's per-step costs (BENCHMARKS.md, notes row 10).
-stage L16_nocheck 60 --impl largemim --steps 60 --warmup 10 "${COMMON[@]}" "${LARGE[@]}" train.check_grad_overflow=false
 # Issue 3 part 8: data.decode=device (nvJPEG) against the CPU pipelines, on photo sets carried in
 # build/photo_sets (tools/make_photo_sets.py --imagenet 200 --web 80 keeps them under the 64 MiB carry with .whl/).
 if [[ -f build/photo_sets/web_size/manifest.json ]] && ((BUDGET - (SECONDS - T0) > 40)); then
@@ -142,6 +144,9 @@ stage g14 120 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" model.size=gia
 stage L16_profile 70 --impl "$IMPL" --steps 5 --warmup 5 --profile 3 --trace-dir "$OUT/traces" "${COMMON[@]}" "${LARGE[@]}"
 stage L16_autocast_profile 50 --impl largemim --steps 5 --warmup 5 --profile 3 "${COMMON[@]}" "${LARGE[@]}" \
   train.autocast=true
+# DeepSpeed's inf/NaN test of every gradient (bf16 mode), off: since train.foreach_grad_checks it costs
+# a few kernels and one sync (BENCHMARKS.md, notes row 10).
+stage L16_nocheck 40 --impl largemim --steps 40 --warmup 10 "${COMMON[@]}" "${LARGE[@]}" train.check_grad_overflow=false
 # The memory prediction (tools/memory_table.py) at three times the micro-batch it was checked at.
 stage L16_mb768 60 --impl largemim --steps 10 --warmup 3 "${COMMON[@]}" model.size=large model.patch_size=16 \
   train.micro_batch=768
