@@ -49,45 +49,6 @@ def init_distributed() -> DistEnv:
     return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 
-_host_group: dist.ProcessGroup | None = None
-
-
-def host_group() -> dist.ProcessGroup | None:
-    """A gloo group over all ranks for small agreements made on the host (stop flags, skip counters).
-
-    Through NCCL such a value must be a GPU tensor, and reading it back (``.item()``) makes the host wait
-    until every kernel queued so far has run: done after each step, it drains the launch queue, so the
-    GPU idles while the host launches the next step. A CPU tensor all-reduced over gloo only waits for the
-    other ranks' hosts. The first call is collective (every rank must make it); None in a world of one.
-    """
-    global _host_group
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return None
-    if dist.get_backend() == "gloo":
-        return dist.group.WORLD
-    if _host_group is None:
-        _host_group = dist.new_group(backend="gloo")
-    return _host_group
-
-
-def host_sum(value: float) -> float:
-    """``value`` summed over all ranks on the host (a collective: every rank calls it)."""
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    group = host_group()
-    if group is not None:
-        dist.all_reduce(t, group=group)
-    return float(t.item())
-
-
-def host_any(flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank (a collective: every rank calls it)."""
-    t = torch.tensor([1.0 if flag else 0.0])
-    group = host_group()
-    if group is not None:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
-
-
 def teardown(exit_code: int) -> None:
     """Leave the process group and exit without running interpreter finalisers.
 

@@ -2,8 +2,7 @@
 
 SLURM sends the signal to every task, but not at the same instant, so ranks compare flags with an
 all-reduce (MAX) after each step: if any rank was signalled, all of them save at the same step and
-exit 0. The all-reduce runs on the host over gloo (``distributed.host_any``), so this per-step check
-never waits for the GPU. Which signals mean "save and stop" is configurable because NCCL can swallow SIGUSR1
+exit 0. Which signals mean "save and stop" is configurable because NCCL can swallow SIGUSR1
 (submitit moved to USR2).
 """
 
@@ -12,6 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +52,9 @@ def catch_early(names: list[str]) -> None:
 
 
 class StopOnSignal:
-    def __init__(self, names: list[str]):
+    def __init__(self, names: list[str], device: torch.device):
         self.received: str | None = None
+        self.device = device
         self._previous = {}
         for name in names:
             sig = signal_from_name(name)
@@ -66,11 +70,15 @@ class StopOnSignal:
 
     def agreed(self) -> bool:
         """True on every rank if any rank has received a stop signal (a collective: call on all ranks)."""
-        # Imported here, not at the top, so that a launcher can call catch_early before the slow imports
-        # (torch, deepspeed): a signal that comes while they run would otherwise hit submitit's handler.
-        from largemim.distributed import host_any
+        # torch is imported here, not at the top, so that a launcher can call catch_early before the
+        # slow imports (a signal that comes while they run would otherwise hit submitit's handler).
+        import torch
+        import torch.distributed as dist
 
-        return host_any(self.received is not None)
+        flag = torch.tensor([1.0 if self.received else 0.0], device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -17,7 +17,7 @@ from largemim.data.device_decode import DeviceDecodeAugment, EncodedImages
 from largemim.data.fast_decode import FastTrainAugment
 from largemim.data.sources import count_samples, expand_shards, split_sets
 from largemim.data.stream import StreamSpec, build_train_loader, check_exact_split
-from largemim.distributed import DistEnv, host_sum
+from largemim.distributed import DistEnv
 from largemim.engine import build_engine, build_model, load_ds_json
 from largemim.flops import peak_tflops, train_flops_per_image
 from largemim.memory import choose_grad_ckpt
@@ -42,6 +42,14 @@ def _mean_across_ranks(values: dict[str, torch.Tensor], count: int) -> dict[str,
         dist.all_reduce(stacked)
         stacked /= dist.get_world_size()
     return dict(zip(names, stacked.tolist(), strict=True))
+
+
+def _sum_across_ranks(value: int, device: torch.device) -> int:
+    """A per-rank count summed over all ranks (every rank calls this; on the device NCCL needs)."""
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return int(t.item())
 
 
 def _throughput_model(cfg: Config, device: torch.device) -> tuple[int | None, float | None]:
@@ -171,10 +179,10 @@ def train(cfg: Config, env: DistEnv) -> dict:
         env.world_size, cfg.run.seed, d.shuffle_buffer, d.sampling, tuple(d.weights), d.open_retries, d.lanes,
     )  # fmt: skip
     loader = iter(build_train_loader(spec, augment, cfg.data.workers, start * ga, env.device.type == "cuda"))
-    stopper = StopOnSignal(list(cfg.checkpoint.stop_signals))
+    stopper = StopOnSignal(list(cfg.checkpoint.stop_signals), env.device)
 
     def save(step: int) -> None:
-        total = skipped_before + int(host_sum(skipped))  # a collective: every rank saves
+        total = skipped_before + _sum_across_ranks(skipped, env.device)  # a collective: every rank saves
         state = {
             "step": step, "data": {**data_state, "position": step * ga, "skipped_samples": total},
             "config": asdict(cfg),
@@ -228,7 +236,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 scalars["grad_norm"] = float(grad_norm)
-            total_skipped = skipped_before + int(host_sum(skipped))  # all ranks, whole run
+            total_skipped = skipped_before + _sum_across_ranks(skipped, env.device)  # all ranks, whole run
             if total_skipped:
                 scalars["skipped_samples"] = float(total_skipped)
             run_log.step(step, scalars, plan.global_batch)

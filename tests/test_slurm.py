@@ -370,16 +370,18 @@ def test_a_stop_signal_during_start_up_is_kept_for_the_loop():
     the meantime (once), so a warning during start-up still stops the run after its first step."""
     import signal
 
+    import torch
+
     from largemim import signals
 
     previous = signal.getsignal(signal.SIGUSR2)
     try:
         signals.catch_early(["SIGUSR2"])
         os.kill(os.getpid(), signal.SIGUSR2)  # runs the handler before the next statement
-        stopper = signals.StopOnSignal(["SIGTERM", "SIGUSR2"])
+        stopper = signals.StopOnSignal(["SIGTERM", "SIGUSR2"], torch.device("cpu"))
         assert stopper.received == "SIGUSR2" and stopper.agreed()
         stopper.restore()
-        again = signals.StopOnSignal(["SIGUSR2"])
+        again = signals.StopOnSignal(["SIGUSR2"], torch.device("cpu"))
         assert again.received is None and not again.agreed()
         again.restore()
     finally:
