@@ -129,10 +129,11 @@ class TrainConfig:
     # torch.compile the objective's forward and backward through DeepSpeed's engine.compile (inductor);
     # random ops keep eager semantics, so a compiled run draws the same masks as an eager one.
     compile: bool = False
-    # bf16 mode: DeepSpeed tests every gradient for inf/NaN each step to skip such a step (about a dozen
-    # small kernels per parameter tensor and a host sync). bf16 has no loss scale to adjust, and the
-    # trainer stops on a non-finite loss at the next log line; false saves that work (a step with a
-    # non-finite gradient is then applied, and the run stops at the next log line instead).
+    # bf16 mode: DeepSpeed tests every gradient for inf/NaN each step to skip such a step (a host sync, and
+    # about a dozen small kernels per parameter tensor unless foreach_grad_checks makes it one pass). bf16
+    # has no loss scale to adjust, and the trainer stops on a non-finite loss at the next log line; false
+    # saves that work (a step with a non-finite gradient is then applied, and the run stops at the next log
+    # line instead).
     check_grad_overflow: bool = True
     # ZeRO-1/2: DeepSpeed's inf/NaN test and gradient norm as one multi-tensor kernel each instead of a
     # Python loop of small kernels per parameter tensor (largemim/grad_checks.py); false keeps DeepSpeed's.

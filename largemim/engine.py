@@ -78,6 +78,10 @@ def full_ds_config(cfg: Config, plan: Plan, ds: dict) -> dict:
         out["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "hysteresis": 2}
     out.setdefault("steps_per_print", 1 << 30)  # largemim prints its own progress lines
     out.setdefault("wall_clock_breakdown", False)
+    # DeepSpeed's throughput timer is on by default and synchronises the device at the start of every
+    # forward and the end of every step (2 full device syncs per step, so the host never runs ahead of
+    # the GPU); largemim logs its own rate, so it is off unless a ds_config turns it on.
+    out.setdefault("timers", {"throughput": {"enabled": False}})
     return out
 
 

@@ -10,11 +10,14 @@ loop's handful, and a GPU step lost roughly 10-15 us per kernel against the plai
 ``install`` replaces both methods on one optimizer instance with ``torch._foreach_norm`` over the same
 tensors (the multi-tensor kernel ``torch.nn.utils.clip_grad_norm_`` uses): a few launches per step
 instead of thousands. What stays the same: the tensors taken (this rank's partition, padding skipped),
-the all-reduces over the data-parallel group, the -1 marker for a non-finite norm and a step skipped
-on a non-finite gradient. What differs: each tensor's norm is accumulated in fp32 (DeepSpeed: fp64),
-so the global norm agrees to about 1e-6 relative; and a finite bf16 gradient so large that its squares
-overflow fp32 (a norm above 3e38) counts as an overflow and its step is skipped, where DeepSpeed would
-clip it. Set ``train.foreach_grad_checks=false`` to keep DeepSpeed's own loops.
+the all-reduces over the data-parallel group, the -1 marker for a non-finite norm, and a step skipped
+on a non-finite gradient or norm. What differs: each tensor's norm is accumulated in fp32 (DeepSpeed:
+fp64), so the global norm agrees to about 1e-6 relative. A tensor whose norm exceeds about 1.8e19
+gives an infinite fp32 norm here; DeepSpeed's global norm (summed squares cast to fp32) is infinite
+then too, so the step is skipped either way, but the inf/NaN test would also flag it here, which only
+matters when ``zero_optimization.compute_grad_norm`` is off: that case keeps DeepSpeed's loops. Values
+below about 1e-19 square to zero in fp32 (a vanished gradient's logged norm reads 0). Set
+``train.foreach_grad_checks=false`` to keep DeepSpeed's own loops.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def _grad_norm_direct(self, gradients, params, norm_type=2):
 def _has_overflow_partitioned_grads(self):
     """DeepSpeedZeroOptimizer.has_overflow_partitioned_grads_serial: a [1] bool tensor, true if any of this
     rank's gradients holds inf or NaN (a tensor's norm is finite only if all its values are)."""
-    grads = [g for i in range(len(self.bit16_groups)) for g in (self.averaged_gradients[i] or []) if g is not None]
+    grads = [g for i in range(len(self.bit16_groups)) for g in self.averaged_gradients[i] if g is not None]
     if not grads:
         return torch.zeros(1, dtype=torch.bool, device=self.device)
     return (~torch.isfinite(_norms(grads))).any().reshape(1)
@@ -74,6 +77,8 @@ def unsupported_reason(optimizer) -> str | None:
     for name in ("get_grad_norm_direct", "has_overflow_partitioned_grads_serial", "averaged_gradients", "bit16_groups"):
         if not hasattr(optimizer, name):
             return f"this DeepSpeed's ZeRO optimizer has no {name}"
+    if not getattr(optimizer, "compute_grad_norm", True):
+        return "zero_optimization.compute_grad_norm is off (the inf/NaN test alone must then match DeepSpeed's)"
     if getattr(optimizer, "cpu_offload", False):
         return "optimizer offload takes its norm and overflow test on the CPU"
     if getattr(optimizer, "mpu", None) is not None or getattr(optimizer, "model_parallel_rank", 0) != 0:

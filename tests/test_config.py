@@ -132,6 +132,20 @@ def test_grad_clip_off_reaches_deepspeed_as_off():
     assert get_gradient_clipping({}) == 1.0  # why: DeepSpeed's own default
 
 
+def test_deepspeeds_synchronising_throughput_timer_is_off_unless_asked_for():
+    from deepspeed.utils.config import get_timers_config
+
+    from largemim.engine import full_ds_config
+
+    cfg = load_config(None, ["data.shards=x", "train.steps=1"])
+    ds = full_ds_config(cfg, make_plan(cfg, 1, 1000), {"zero_optimization": {"stage": 2}})
+    assert get_timers_config(ds).enabled is False
+    assert get_timers_config({}).enabled is True and get_timers_config({}).synchronized is True  # DeepSpeed's default
+    mine = {"zero_optimization": {"stage": 2}, "timers": {"throughput": {"enabled": True, "synchronized": False}}}
+    kept = get_timers_config(full_ds_config(cfg, make_plan(cfg, 1, 1000), mine))
+    assert kept.enabled is True and kept.synchronized is False
+
+
 def test_check_grad_overflow_is_a_bf16_mode_switch():
     from deepspeed.runtime.precision_config import get_bfloat16_config
 

@@ -193,8 +193,9 @@ def count_ops(phases, args, device, label: str) -> dict | None:
     Counted with a ``TorchDispatchMode``, so the count is the same on any device for the same code path:
     every operator costs the host a dispatch (microseconds of Python and C++), and each "kernel" also
     launches device work that the GPU runs in order. Views (``view``, ``detach``, ``t``, ...) only make
-    a new tensor header. A host sync stalls the host until the GPU has drained its queue; on a CPU every
-    read-back is counted (torch's non-fused optimizers read their CPU step counters too)."""
+    a new tensor header. A host sync stalls the host until the GPU has drained its queue: operators that
+    read a value back, and DeepSpeed's ``synchronize()`` calls; on a CPU every read-back is counted
+    (torch's non-fused optimizers read their CPU step counters too)."""
     if args.count_ops <= 0:
         return None
     import torch
@@ -221,10 +222,35 @@ def count_ops(phases, args, device, label: str) -> dict | None:
             return func(*a, **(kw or {}))
 
     counters = {name: Counter() for name, _ in phases}
-    for _ in range(args.count_ops):
-        for name, fn in phases:
-            with counters[name]:
-                fn()
+    # DeepSpeed also waits for the device outside any operator (get_accelerator().synchronize()): counted
+    # as host syncs too. Some of those calls only run on a GPU: ZeRO-1/2 with overlap_comm synchronises
+    # in each bucket reduce and at the end of the backward where the accelerator does not order its
+    # streams itself, and DeepSpeed's CPU accelerator does (it has no side streams), so a CPU count
+    # leaves them out.
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    device_sync = accelerator.synchronize
+    was_own = "synchronize" in vars(accelerator)
+    current: list = []
+
+    def counted_sync(*a, **kw):
+        if current:
+            current[0].syncs += 1
+        return device_sync(*a, **kw)
+
+    accelerator.synchronize = counted_sync
+    try:
+        for _ in range(args.count_ops):
+            for name, fn in phases:
+                current[:] = [counters[name]]
+                with counters[name]:
+                    fn()
+    finally:
+        if was_own:
+            accelerator.synchronize = device_sync
+        else:
+            del accelerator.synchronize
     n = args.count_ops
     per_phase = {
         name: {"kernels": c.kernels / n, "syncs": c.syncs / n, "views": c.views / n} for name, c in counters.items()
