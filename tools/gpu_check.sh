@@ -9,17 +9,16 @@ esac
 # $OUT/<stage>.log and only its summary lines are printed here.
 #
 #   0. data.decode=device: nvJPEG's pixels against libjpeg's (tools/check_device_decode.py).
-#   1. MAE ViT-L/16, 224 px, bf16 (DeepSpeed's bf16 mode), 100 timed steps on synthetic images, fused
-#      optimizer (DeepSpeed's FusedAdam if it JIT-compiles here, else torch's fused AdamW), then HF ViTMAE
-#      at the same batch: the baseline for this session's ratios.
-#   2. L/16 with DeepSpeed's own per-tensor gradient checks (train.foreach_grad_checks=false), then with
-#      train.autocast=true; the data.decode=device loader timing if build/photo_sets was carried;
-#      3. autocast plus train.compile=true (issue 7's next steps).
-#   4. ViT-H/14 with autocast beside HF, 5. ViT-g/14 likewise; then, if time is left, a profile of L/16
-#      in both precision modes (tools/benchmark.py --profile), L/16 without the bf16 overflow test,
-#      L/16 at micro-batch 768 (the memory
-#      prediction's range), with activation checkpointing on every block, and under ZeRO-3; last,
-#      tools/memory_table.py --check on this session's peaks. All stages need BUDGET_S=420 or more.
+#   1. MAE ViT-L/16, 224 px, bf16 (DeepSpeed's bf16 mode with largemim's multi-tensor gradient checks,
+#      the default), 100 timed steps on synthetic images, fused optimizer (DeepSpeed's FusedAdam if it
+#      JIT-compiles here, else torch's fused AdamW), then HF ViTMAE at the same batch, with operator
+#      counts; 2. the same with DeepSpeed's own per-tensor checks (train.foreach_grad_checks=false).
+#   3. ViT-H/14 (the issue's target) beside HF; 4. L/16 and H/14 with train.autocast=true; the
+#      data.decode=device loader timing if build/photo_sets was carried; 5. train.compile=true;
+#      6. ViT-g/14 beside HF. Then, if time is left: a profile of L/16 in both precision modes
+#      (tools/benchmark.py --profile), L/16 without the bf16 overflow test, at micro-batch 768 (the
+#      memory prediction's range), with activation checkpointing on every block, and under ZeRO-3;
+#      last, tools/memory_table.py --check on this session's peaks. Stages 1-4 fit BUDGET_S=420.
 #
 # Each stage runs under `timeout`, and a stage that would overrun the budget (BUDGET_S, default 420 s
 # after the install) is cut short or skipped, so one failure cannot eat the session.
@@ -108,7 +107,7 @@ common
 
 # Flash attention is not forced (a refusal would lose the stage); each JSON line says in "flash_attn"
 # whether SDPA's flash kernel accepts this GPU, precision and both head sizes.
-# Order (2026-11-26 revision): what issue 7 needs measured next comes first. L/16 and g/14 in DeepSpeed's
+# Order (2026-11-26, session 4): what issue 7 needs measured next comes first. L/16 and g/14 in DeepSpeed's
 # bf16 mode are already in BENCHMARKS.md; the baseline is repeated (shorter) for same-session ratios.
 stage L16 90 --impl "$IMPL" --steps 100 --warmup 20 "${COMMON[@]}" "${LARGE[@]}" --count-ops 1
 rc=$?
@@ -122,8 +121,14 @@ fi
 # train.foreach_grad_checks (on above, by default) gains, in one session (BENCHMARKS.md, notes row 13).
 stage L16_dsloops 60 --impl largemim --steps 60 --warmup 10 "${COMMON[@]}" "${LARGE[@]}" --count-ops 1 \
   train.foreach_grad_checks=false
-# DeepSpeed's torch_autocast mode (1.32x in a plain timing) and torch.compile on top, at the L/16 batch.
-stage L16_autocast 80 --impl largemim --steps 60 --warmup 10 "${COMMON[@]}" "${LARGE[@]}" train.autocast=true
+# The issue's target model in the default mode (bf16 weights, multi-tensor gradient checks) beside HF.
+stage H14 100 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" model.size=huge model.patch_size=14 \
+  train.micro_batch=128
+# DeepSpeed's torch_autocast mode (1.32x the bf16 mode before foreach_grad_checks), at the L/16 and H/14
+# batches: which precision mode should be the default.
+stage L16_autocast 60 --impl largemim --steps 60 --warmup 10 "${COMMON[@]}" "${LARGE[@]}" train.autocast=true
+stage H14_autocast 50 --impl largemim --steps 20 --warmup 5 "${COMMON[@]}" model.size=huge model.patch_size=14 \
+  train.micro_batch=128 train.autocast=true
 # Issue 3 part 8: data.decode=device (nvJPEG) against the CPU pipelines, on photo sets carried in
 # build/photo_sets (tools/make_photo_sets.py --imagenet 200 --web 80 keeps them under the 64 MiB carry with .whl/).
 if [[ -f build/photo_sets/web_size/manifest.json ]] && ((BUDGET - (SECONDS - T0) > 40)); then
@@ -131,16 +136,12 @@ if [[ -f build/photo_sets/web_size/manifest.json ]] && ((BUDGET - (SECONDS - T0)
   timeout --kill-after=5 60 python3 tools/bench_loader.py --repeats 2 --device cuda >"$OUT/loader.log" 2>&1
   tail -n 5 "$OUT/loader.log"
 fi
-
-stage L16_autocast_compile 150 --impl largemim --steps 60 --warmup 15 "${COMMON[@]}" "${LARGE[@]}" \
-  train.autocast=true train.compile=true
-# The issue's target model, with autocast, beside HF at the same batch.
-stage H14_autocast 100 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" model.size=huge model.patch_size=14 \
-  train.micro_batch=128 train.autocast=true
+# torch.compile of the objective (inductor) in the default mode; then ViT-g/14 beside HF.
+stage L16_compile 150 --impl largemim --steps 60 --warmup 15 "${COMMON[@]}" "${LARGE[@]}" train.compile=true
 stage g14 120 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" model.size=giant model.patch_size=14 \
-  train.micro_batch=128 train.autocast=true
-# Where DeepSpeed's bf16 mode loses its 70-85 ms per step against a plain loop (BENCHMARKS.md): 3 profiled
-# steps of each precision mode, the top kernels and whether the host or the GPU is the limit; traces in $OUT.
+  train.micro_batch=128
+# Where the rest of the time goes against a plain loop (BENCHMARKS.md): 3 profiled steps of each precision
+# mode, the top kernels and whether the host or the GPU is the limit; traces in $OUT.
 stage L16_profile 70 --impl "$IMPL" --steps 5 --warmup 5 --profile 3 --trace-dir "$OUT/traces" "${COMMON[@]}" "${LARGE[@]}"
 stage L16_autocast_profile 50 --impl largemim --steps 5 --warmup 5 --profile 3 "${COMMON[@]}" "${LARGE[@]}" \
   train.autocast=true
