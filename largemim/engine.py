@@ -81,7 +81,9 @@ def full_ds_config(cfg: Config, plan: Plan, ds: dict) -> dict:
     # DeepSpeed's throughput timer is on by default and synchronises the device at the start of every
     # forward and the end of every step (2 full device syncs per step, so the host never runs ahead of
     # the GPU); largemim logs its own rate, so it is off unless a ds_config turns it on.
-    out.setdefault("timers", {"throughput": {"enabled": False}})
+    timers = dict(out.get("timers") or {})
+    timers.setdefault("throughput", {"enabled": False})
+    out["timers"] = timers
     return out
 
 

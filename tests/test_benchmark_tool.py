@@ -57,6 +57,9 @@ def test_both_implementations_report(tmp_path):
     for phases in ops.values():
         assert phases["forward"]["kernels"] > 20 and phases["backward"]["kernels"] > phases["forward"]["kernels"]
     assert ops["hf"]["step"]["kernels"] < 10 and ops["largemim"]["step"]["kernels"] < 80
+    # no device sync in the forward (DeepSpeed's synchronising throughput timer is off); two read-backs in
+    # the bf16 step (the inf/NaN test and the norm check)
+    assert ops["largemim"]["forward"]["syncs"] == 0 and ops["largemim"]["step"]["syncs"] == 2
     assert "largemim: operators per step: device kernels" in p.stderr
     ratio = [r for r in records if r["kind"] == "ratio"]
     assert len(ratio) == 1
@@ -103,6 +106,44 @@ def test_overrides_and_options_mix():
     """The sweep puts the swept keys after the options; argparse must not take them for strays."""
     args = load_tool().parse_args(["model.size=nano", "--steps", "3", "train.micro_batch=8", "--impl", "hf"])
     assert args.overrides == ["model.size=nano", "train.micro_batch=8"] and args.steps == 3 and args.impl == "hf"
+
+
+def test_count_ops_counts_deepspeeds_device_syncs(tmp_path):
+    """A ds_config that turns DeepSpeed's throughput timer back on: its synchronize() at the start of each
+    forward and the end of each step is counted (DeepSpeed calls it on a CPU too)."""
+    ds = json.loads((REPO / "ds_configs/zero2.json").read_text())
+    ds["timers"] = {"throughput": {"enabled": True, "synchronized": True}}
+    (tmp_path / "timed.json").write_text(json.dumps(ds))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(TOOL), "--device", "cpu", "--impl", "largemim", "--steps", "1", "--warmup", "1"]
+    cmd += ["--count-ops", "2", *TINY, f"ds_config={tmp_path / 'timed.json'}", "train.precision=bf16"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-4000:]
+    record = next(json.loads(line) for line in p.stdout.splitlines() if line.startswith("{"))
+    phases = record["ops_per_step"]["phases"]
+    assert phases["forward"]["syncs"] == 1 and phases["step"]["syncs"] > 2, phases  # 2 without the timer
+
+
+def test_a_failing_count_keeps_the_timing(capsys):
+    from deepspeed.accelerator import get_accelerator
+
+    tool = load_tool()
+    args = tool.parse_args(["--count-ops", "1"])
+
+    def broken():
+        raise RuntimeError("boom")
+
+    phases = [("forward", lambda: None), ("backward", lambda: None), ("step", broken)]
+    assert tool.count_ops(phases, args, tool_device(), "largemim") is None
+    assert "--count-ops failed (RuntimeError: boom); timing kept" in capsys.readouterr().err
+    assert "synchronize" not in vars(get_accelerator())  # DeepSpeed's own method again
+
+
+def tool_device():
+    import torch
+
+    return torch.device("cpu")
 
 
 def test_count_ops_refuses_a_compiled_model(capsys):

@@ -140,6 +140,8 @@ def test_deepspeeds_synchronising_throughput_timer_is_off_unless_asked_for():
     cfg = load_config(None, ["data.shards=x", "train.steps=1"])
     ds = full_ds_config(cfg, make_plan(cfg, 1, 1000), {"zero_optimization": {"stage": 2}})
     assert get_timers_config(ds).enabled is False
+    other = {"zero_optimization": {"stage": 2}, "timers": {}}  # a timers section without "throughput"
+    assert get_timers_config(full_ds_config(cfg, make_plan(cfg, 1, 1000), other)).enabled is False
     assert get_timers_config({}).enabled is True and get_timers_config({}).synchronized is True  # DeepSpeed's default
     mine = {"zero_optimization": {"stage": 2}, "timers": {"throughput": {"enabled": True, "synchronized": False}}}
     kept = get_timers_config(full_ds_config(cfg, make_plan(cfg, 1, 1000), mine))

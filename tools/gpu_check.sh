@@ -18,7 +18,8 @@ esac
 #      6. ViT-g/14 beside HF. Then, if time is left: a profile of L/16 in both precision modes
 #      (tools/benchmark.py --profile), L/16 without the bf16 overflow test, at micro-batch 768 (the
 #      memory prediction's range), with activation checkpointing on every block, and under ZeRO-3;
-#      last, tools/memory_table.py --check on this session's peaks. Stages 1-4 fit BUDGET_S=420.
+#      last, tools/memory_table.py --check on this session's peaks. Stages 1-3 fit BUDGET_S=420, and 4
+#      too when DeepSpeed's FusedAdam builds quickly (its build may take up to 95 s before stage 1).
 #
 # Each stage runs under `timeout`, and a stage that would overrun the budget (BUDGET_S, default 420 s
 # after the install) is cut short or skipped, so one failure cannot eat the session.
