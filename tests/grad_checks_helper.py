@@ -22,10 +22,11 @@ from largemim.distributed import init_distributed, teardown  # noqa: E402
 from largemim.engine import build_engine, build_model, load_ds_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = [
-    ("zero2", "bf16", False),
-    ("zero1", "bf16", True),
-    ("zero2", "fp32", False),
+CASES = [  # (ds_config, precision, autocast, micro-batches per optimizer step)
+    ("zero2", "bf16", False, 1),
+    ("zero1", "bf16", True, 1),
+    ("zero2", "fp32", False, 1),
+    ("zero2", "bf16", False, 2),  # gradient accumulation: the checks read the summed partition
 ]  # fp16: DeepSpeed has none on a CPU
 
 
@@ -53,13 +54,13 @@ def both_ways(opt, fn):
     return a, b, ours.n, theirs.n
 
 
-def run_case(stage: str, precision: str, autocast: bool, rank: int) -> dict:
+def run_case(stage: str, precision: str, autocast: bool, accum: int, rank: int) -> dict:
     cfg = load_config(
         REPO / "largemim/recipes/mae_tiny_cpu.yaml",
         [
             "data.shards=x", "train.steps=3", "train.warmup_steps=1", "train.micro_batch=4",
             f"ds_config={REPO / 'ds_configs' / stage}.json", f"train.precision={precision}",
-            f"train.autocast={autocast}", "optim.grad_clip=1.0",
+            f"train.autocast={autocast}", "optim.grad_clip=1.0", f"train.grad_accum={accum}",
         ],
     )  # fmt: skip
     ds_json = load_ds_json(cfg.ds_config)
@@ -69,12 +70,16 @@ def run_case(stage: str, precision: str, autocast: bool, rank: int) -> dict:
     installed = "get_grad_norm_direct" in vars(opt)
     gen = torch.Generator().manual_seed(rank)
     m = cfg.model
-    images = torch.randn(cfg.train.micro_batch, m.in_chans, m.img_size, m.img_size, generator=gen)
-    engine.backward(engine(images)["loss"])  # gradients reduced into this rank's partition, no step yet
+    for micro in range(accum):  # gradients reduced into this rank's partition, no optimizer step yet
+        images = torch.randn(cfg.train.micro_batch, m.in_chans, m.img_size, m.img_size, generator=gen)
+        engine.backward(engine(images)["loss"])
+        if micro < accum - 1:
+            engine.step()  # inside an accumulation: only counts the micro-batch
+    assert engine.is_gradient_accumulation_boundary()
     norm, norm_ds, kernels, kernels_ds = both_ways(opt, lambda: float(opt.scaled_global_norm()))
     clean, clean_ds, _, _ = both_ways(opt, lambda: opt.has_overflow())
     result = {
-        "case": f"{stage}:{precision}:{autocast}", "installed": installed, "norm": norm, "norm_ds": norm_ds,
+        "case": f"{stage}:{precision}:{autocast}:{accum}", "installed": installed, "norm": norm, "norm_ds": norm_ds,
         "kernels": kernels, "kernels_ds": kernels_ds, "tensors": sum(len(g) for g in opt.averaged_gradients.values()),
         "overflow_clean": [clean, clean_ds],
     }  # fmt: skip

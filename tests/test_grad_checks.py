@@ -17,7 +17,8 @@ def test_foreach_checks_agree_with_deepspeed_and_launch_far_fewer_kernels(tmp_pa
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["case"] for r in results] == ["zero2:bf16:False", "zero1:bf16:True", "zero2:fp32:False"]
+    cases = ["zero2:bf16:False:1", "zero1:bf16:True:1", "zero2:fp32:False:1", "zero2:bf16:False:2"]
+    assert [r["case"] for r in results] == cases
     for r in results:
         assert r["installed"], r
         # the same global norm (fp32 against fp64 accumulation per tensor), over both ranks' partitions
