@@ -117,8 +117,9 @@ def model_state_bytes(params: int, gpus: int, zero) -> int:
     weights' partition to the host). Buffers: the gradient reduce bucket (``reduce_bucket_size``
     16-bit elements, two with ``overlap_comm``); under ZeRO-3 the prefetch bucket and the gathered
     weights, which DeepSpeed keeps while they are reused within ``stage3_max_reuse_distance`` (1e9 by
-    default: the whole model up to ``stage3_max_live_parameters``). ZeRO-0 in bf16 also holds fp32
-    gradients (DeepSpeed's BF16_Optimizer): 2 + 4 + 12 per parameter."""
+    default: the whole model up to ``stage3_max_live_parameters``). ZeRO-0 in bf16 (DeepSpeed wraps the
+    optimizer in FP16_UnfusedOptimizer) also makes fp32 gradients: counted as 2 + 4 + 12 per parameter,
+    not checked against a measurement."""
     n = max(1, gpus)
     stage = int(zero.stage)
     opt_offload = zero.offload_optimizer is not None and zero.offload_optimizer.device != "none"

@@ -292,8 +292,9 @@ def _count_ops(phases, args, device, label: str) -> dict:
     return {"phases": per_phase, "total": total, "step_top_ops": {k: v / n for k, v in top_step}}
 
 
-def compose(phases):
-    """One training step from its phases; returns what the last phase returns (the loss)."""
+def measure(phases, args, device, label: str) -> tuple[float, float, dict]:
+    """Time the step made of ``phases`` (name, function) run in order, the last returning the loss; then
+    ``--profile`` and ``--count-ops`` it. Returns (seconds, last loss, extra fields for the JSON record)."""
 
     def step():
         result = None
@@ -301,7 +302,10 @@ def compose(phases):
             result = fn()
         return result
 
-    return step
+    seconds, loss = time_steps(step, args.warmup, args.steps, device)
+    profile_steps(step, args, device, label)
+    ops = count_ops(phases, args, device, label)
+    return seconds, loss, ({"ops_per_step": ops} if ops else {})
 
 
 def reset_memory(device) -> float:
@@ -397,10 +401,7 @@ def run_largemim(cfg, args, device) -> dict:
         return state.pop("out")["loss"].detach()
 
     phases = [("forward", forward), ("backward", backward), ("step", optimizer_step)]
-    step = compose(phases)
-    seconds, loss = time_steps(step, args.warmup, args.steps, device)
-    profile_steps(step, args, device, "largemim")
-    ops = count_ops(phases, args, device, "largemim")
+    seconds, loss, ops = measure(phases, args, device, "largemim")
     optimizer = type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__
     fused = getattr(getattr(engine.optimizer, "optimizer", engine.optimizer), "defaults", {}).get("fused")
     mode = f"DeepSpeed {cfg.train.precision}" if cfg.train.precision != "fp32" else "fp32"
@@ -416,7 +417,7 @@ def run_largemim(cfg, args, device) -> dict:
         "loss": loss,
         "mem_before_gib": round(mem_before, 3),
         **peak_memory(device, mem_before),
-        **({"ops_per_step": ops} if ops else {}),
+        **ops,
     }
     return result
 
@@ -511,10 +512,7 @@ def run_hf(cfg, args, device) -> dict:
         return state.pop("loss").detach()
 
     phases = [("forward", forward), ("backward", backward), ("step", optimizer_step)]
-    step = compose(phases)
-    seconds, loss = time_steps(step, args.warmup, args.steps, device)
-    profile_steps(step, args, device, "hf")
-    ops = count_ops(phases, args, device, "hf")
+    seconds, loss, ops = measure(phases, args, device, "hf")
     result = {
         "impl": "hf",
         "zero_stage": None,
@@ -525,7 +523,7 @@ def run_hf(cfg, args, device) -> dict:
         "loss": loss,
         "mem_before_gib": round(mem_before, 3),
         **peak_memory(device, mem_before),
-        **({"ops_per_step": ops} if ops else {}),
+        **ops,
     }
     return result
 

@@ -103,13 +103,16 @@ def check(path: Path, overrides: list[str]) -> None:
         "| model | ds_config | act. ckpt | micro-batch | measured GiB | predicted GiB | error | reserved / allocated |"
     )
     print("|---|---|---|---|---|---|---|---|")
+    counted: dict[str, object] = {}  # rows of the same model share one count (one model build each)
     for r in rows:
         setup = row_setup(r, overrides)
         if isinstance(setup, str):
             print(f"| {r.get('size', '?')}/{r.get('patch', '?')} | {r.get('ds_config')} | skipped: {setup} |")
             continue
         cfg, batch, zero = setup
-        pred = predicted_peak(count_activations(cfg), batch, 1, zero) / GIB
+        if repr(cfg) not in counted:
+            counted[repr(cfg)] = count_activations(cfg)
+        pred = predicted_peak(counted[repr(cfg)], batch, 1, zero) / GIB
         err = pred / r["peak_mem_gib"] - 1
         reserve = r["peak_reserved_gib"] / r["peak_mem_gib"] if r.get("peak_reserved_gib") else float("nan")
         every = cfg.model.grad_ckpt_every
