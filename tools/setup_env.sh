@@ -12,10 +12,20 @@ fi
 source "$VENV/bin/activate"
 stamp="$VENV/.largemim-installed"
 if [ ! -f "$stamp" ] || [ "$REPO/requirements.txt" -nt "$stamp" ] || [ "$REPO/pyproject.toml" -nt "$stamp" ]; then
+  # torch's CUDA build alone is 5.6 GB in the venv: say so up front rather than fail mid-install.
+  # (less what an earlier, interrupted install already put there)
+  have_kb=$(du -sk "$VENV" | awk '{print $1}')
+  need_kb=$((7 * 1024 * 1024 - have_kb))
+  free_kb=$(df -Pk "$VENV" | awk 'NR==2 {print $4}')
+  if [ "${free_kb:-0}" -lt "$need_kb" ]; then
+    echo "[setup] not enough disk for the environment: $VENV needs about $((need_kb / 1024)) MiB more," \
+         "and its file system has $((free_kb / 1024)) MiB free. Free some space, or point LARGEMIM_VENV at a larger disk."
+    exit 1
+  fi
   echo "[setup] installing requirements (torch comes from this machine's disk: about 2 minutes the first time)"
   log="$VENV/install.log"
   if ! { python -m pip install -q --upgrade pip &&
-         python -m pip install -q -r "$REPO/requirements.txt" &&
+         python -m pip install -q --no-cache-dir -r "$REPO/requirements.txt" &&
          python -m pip install -q --no-deps -e "$REPO"; } >"$log" 2>&1; then
     tail -n 30 "$log"
     echo "[setup] install failed; the whole log is in $log"
