@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -60,14 +61,36 @@ def _write_atomic(path: Path, text: str) -> None:
         os.close(fd)
 
 
+def _converted_from(out: Path, meta: dict) -> bool:
+    """Whether ``out`` is a finished universal copy of the checkpoint whose marker says ``meta`` (a copy of
+    an earlier checkpoint of the same step, since deleted and written again, is not)."""
+    if not (out / MARKER).is_file():
+        return False
+    done = read_marker(out)
+    return done.get("saved_at") == meta.get("saved_at") and done.get("world_size") == meta.get("world_size")
+
+
+def _ignore_stop_signals() -> None:
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class Checkpointer:
     def __init__(self, run_dir: str | os.PathLike, keep_last: int, rank: int):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last, self.rank = max(1, keep_last), rank
+        self._agreed: tuple[int, Path] | tuple[()] | None = None  # agree_on_latest's pick (() = none)
 
     def save(self, engine, step: int, client_state: dict) -> Path:
         tag = tag_for(step)
         t0 = time.time()
+        stale = self.dir / tag
+        if self.rank == 0 and stale.is_dir() and not (stale / MARKER).is_file():
+            # An interrupted save of this step (perhaps by another number of ranks): its leftover shards
+            # must not mix with the new ones.
+            log.warning("removing incomplete checkpoint %s before saving that step again", stale)
+            shutil.rmtree(stale)
+        dist.barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
         dist.barrier()  # every rank's shards are on disk before the marker says so
         folder = self.dir / tag
@@ -82,12 +105,19 @@ class Checkpointer:
             self._prune()
             log.info("saved checkpoint %s in %.1fs", folder, time.time() - t0)
         dist.barrier()
+        self._agreed = None  # the newest is now this one
         return folder
 
     def _prune(self) -> None:
         complete = complete_checkpoints(self.dir)
         for _, folder in complete[: -self.keep_last]:
             shutil.rmtree(folder, ignore_errors=True)
+        kept = {folder.name for _, folder in complete[-self.keep_last :]}
+        universal = self.dir / "universal"
+        if universal.is_dir():  # converted copies go with their checkpoints (each is a full fp32 + Adam copy)
+            for d in universal.iterdir():
+                if d.name.removesuffix(".tmp") not in kept:
+                    shutil.rmtree(d, ignore_errors=True)
         newest = complete[-1][0] if complete else -1
         for d in self.dir.iterdir():  # half-written folders left by an earlier crash
             m = TAG_RE.match(d.name)
@@ -96,8 +126,36 @@ class Checkpointer:
                 shutil.rmtree(d, ignore_errors=True)
 
     def latest(self) -> tuple[int, Path] | None:
+        if self._agreed is not None:
+            return self._agreed or None
         complete = complete_checkpoints(self.dir)
         return complete[-1] if complete else None
+
+    def agree_on_latest(self, wait_s: float = 120.0) -> tuple[int, Path] | None:
+        """Rank 0 picks the checkpoint to resume from and every rank takes its pick (a collective).
+
+        Each rank listing shared storage itself could see different newest folders (an NFS client's
+        cached listing): they would load different steps. A rank that does not yet see rank 0's pick
+        waits for it, then fails with a message naming the folder.
+        """
+        self._agreed = None
+        pick = [self.latest() if self.rank == 0 else None]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            pick = [None if pick[0] is None else pick[0][0]]
+            dist.broadcast_object_list(pick, src=0)
+            pick = [None if pick[0] is None else (pick[0], self.dir / tag_for(pick[0]))]
+        found = pick[0]
+        if found is not None:
+            deadline = time.time() + wait_s
+            while not (found[1] / MARKER).is_file():
+                if time.time() > deadline:
+                    raise RuntimeError(
+                        f"rank {self.rank} does not see checkpoint {found[1]}, which rank 0 resumes from: the run "
+                        "folder must be on storage that every node shares (run.dir)"
+                    )
+                time.sleep(1.0)
+        self._agreed = found or ()
+        return found
 
     def universal_dir(self, folder: Path) -> Path:
         return self.dir / "universal" / folder.name
@@ -122,8 +180,8 @@ class Checkpointer:
         interrupted conversion is redone rather than half-used. A converted copy is reused.
         """
         out = self.universal_dir(folder)
-        if self.rank == 0 and not (out / MARKER).is_file():
-            meta = read_marker(folder)
+        meta = read_marker(folder)
+        if self.rank == 0 and not _converted_from(out, meta):
             log.warning(
                 "checkpoint %s was written by %s ranks with ZeRO-%s; converting it to DeepSpeed's universal "
                 "format for %d ranks (optimizer state included)", folder, meta.get("world_size"),
@@ -137,8 +195,13 @@ class Checkpointer:
                 "--num_merge_workers", "1",
             ]  # fmt: skip
             t0 = time.time()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            failed = out.with_name(out.name + ".failed")
+            failed.unlink(missing_ok=True)
+            # The stop signals are ignored in the converter: Slurm signals every process of the job, and this
+            # rank records the signal and stops after its first step.
+            proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_ignore_stop_signals)
             if proc.returncode != 0:
+                _write_atomic(failed, proc.stderr[-3000:])
                 raise RuntimeError(
                     f"converting {folder} to the universal format failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
                 )
@@ -146,6 +209,15 @@ class Checkpointer:
             os.replace(tmp, out)
             _write_atomic(out / MARKER, json.dumps({**meta, "universal": True}))
             log.info("converted to %s in %.1fs", out, time.time() - t0)
+        elif self.rank != 0:
+            # A ViT-g's conversion can outlast a collective's timeout: wait on the file system, not a barrier.
+            failed, waited = out.with_name(out.name + ".failed"), time.time()
+            while not _converted_from(out, meta):
+                if failed.is_file() and failed.stat().st_mtime >= waited - 5:
+                    raise RuntimeError(f"rank 0 failed to convert {folder} to the universal format (see its log)")
+                if time.time() - waited > 4 * 3600:  # rank 0 died without a word and nothing ended this rank
+                    raise RuntimeError(f"no universal copy of {folder} after 4 hours: is rank 0 still running?")
+                time.sleep(2.0)
         dist.barrier()
         return out
 
@@ -171,9 +243,23 @@ class Checkpointer:
             raise RuntimeError(f"checkpoint {source} could not be loaded (DeepSpeed returned nothing); see the log")
         client.setdefault("step", step)
         if universal is not None:
+            _unshare_step_counts(engine)
             restore_module_state(engine, folder)
         log.info("resumed from %s (step %d)%s", folder, step, " via its universal copy" if universal else "")
         return client
+
+
+def _unshare_step_counts(engine) -> None:
+    """DeepSpeed 0.19.8's ZeRO-3 universal load gives every parameter group the same ``step`` tensor, and
+    torch's Adam counts it up in place: with two groups (decay and no decay) it rose twice per optimizer
+    step, and the second group's bias correction went wrong. Each state gets its own copy."""
+    seen: set[int] = set()
+    for state in engine.optimizer.optimizer.state.values() if hasattr(engine.optimizer, "optimizer") else []:
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(step))
 
 
 def restore_module_state(engine, folder: Path) -> None:

@@ -66,7 +66,8 @@ class ObjectiveConfig:
     dvae_kl_weight: float = 0.01  # weight of KL(q || uniform) per latent position
     # BEiT (stage 2): the frozen tokenizer written by tools/export_tokenizer.py from a dvae run.
     tokenizer: str = ""
-    # data2vec: EMA teacher, decay ramped linearly from ema_start to ema_end over ema_steps optimizer steps.
+    # data2vec: EMA teacher, decay ramped linearly from ema_start to ema_end over ema_steps optimizer steps
+    # (-1: over the whole run, as data2vec anneals; 0: ema_end throughout).
     ema_start: float = 0.999
     ema_end: float = 0.9999
     ema_steps: int = 10000
@@ -424,10 +425,11 @@ def check_objective(cfg: Config) -> None:
                 "'python tools/export_tokenizer.py RUN_DIR'"
             )
     if o.name == "data2vec":
-        if not 0.0 <= o.ema_start <= o.ema_end <= 1.0 or o.ema_steps < 0:
+        if not 0.0 <= o.ema_start <= o.ema_end <= 1.0 or o.ema_steps < -1:
             raise ConfigError(
                 f"the EMA decay must rise from objective.ema_start ({o.ema_start}) to objective.ema_end "
-                f"({o.ema_end}) <= 1 over objective.ema_steps ({o.ema_steps}) >= 0 steps (data2vec: 0.999 to 0.9999)"
+                f"({o.ema_end}) <= 1 over objective.ema_steps ({o.ema_steps}) steps, >= 0 or -1 for the whole "
+                "run (data2vec: 0.999 to 0.9999)"
             )
         depth = VIT_SIZES[m.size].depth if m.size in VIT_SIZES else None
         if o.target_layers < 1 or (depth is not None and o.target_layers > depth):

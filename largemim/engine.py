@@ -94,7 +94,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+        # ZeRO-3 (zero.Init) leaves each rank an empty 1-D slice: the parameter's own shape is ds_shape
+        shape = getattr(p, "ds_shape", p.shape)
+        (no_decay if len(shape) <= 1 or name in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -163,6 +165,37 @@ def build_model(cfg: Config, ds_json: dict, init_from: str = "") -> nn.Module:
     return model
 
 
+def reapply_optim_config(engine, cfg: Config, plan: Plan) -> None:
+    """After a resume: the run's configured optimizer settings win over those saved in the checkpoint.
+
+    Loading an optimizer's state restores its param groups' hyperparameters, and LambdaLR's state restores
+    its peak (``base_lrs``), so without this a resume with a lowered ``optim.base_lr`` (the advice after a
+    NaN), another world size's scaled lr, or a new weight decay would silently go on with the old values.
+    The groups are those of ``param_groups``: [decay, no decay].
+    """
+    sched = engine.lr_scheduler
+    groups = sched.optimizer.param_groups
+    changed = []
+    saved_peak = sched.base_lrs[0] if sched.base_lrs else plan.lr
+    if saved_peak != plan.lr:
+        changed.append(f"peak lr {plan.lr:.4g} (was {saved_peak:.4g})")
+    sched.base_lrs = [plan.lr for _ in groups]
+    lrs = [plan.lr * f(sched.last_epoch) for f in sched.lr_lambdas]
+    wanted = {"betas": tuple(cfg.optim.betas), "eps": cfg.optim.eps}
+    for i, (group, lr) in enumerate(zip(groups, lrs, strict=True)):
+        group["initial_lr"], group["lr"] = plan.lr, lr
+        if len(groups) == 2:  # param_groups' [decay, no decay]
+            wanted["weight_decay"] = cfg.optim.weight_decay if i == 0 else 0.0
+        for key, value in wanted.items():
+            old = tuple(group[key]) if key == "betas" else group.get(key)
+            if old != value:
+                changed.append(f"group {i} {key} {value} (was {old})")
+                group[key] = value
+    sched._last_lr = lrs
+    if changed:
+        log.info("the configured optimizer settings replace the checkpoint's: %s", "; ".join(changed))
+
+
 def build_engine(model: nn.Module, cfg: Config, plan: Plan, ds_json: dict):
     """Returns the DeepSpeed engine (model + optimizer + per-step LR schedule)."""
     encoder = getattr(model, "encoder", None)
@@ -170,6 +203,8 @@ def build_engine(model: nn.Module, cfg: Config, plan: Plan, ds_json: dict):
         encoder.set_grad_checkpointing(cfg.model.grad_ckpt_every)  # before wrapping: the engine only calls forward
     ds = full_ds_config(cfg, plan, ds_json)
     groups = param_groups(model, cfg.optim.weight_decay)
+    log.info("AdamW: %d tensors with weight decay %g, %d without", len(groups[0]["params"]), cfg.optim.weight_decay,
+             len(groups[1]["params"]))  # fmt: skip
     adam = {"lr": plan.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps, "weight_decay": cfg.optim.weight_decay}
     impl = choose_optimizer(cfg, ds)
     if impl == "deepspeed":

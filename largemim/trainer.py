@@ -18,7 +18,7 @@ from largemim.data.fast_decode import FastTrainAugment
 from largemim.data.sources import count_samples, expand_shards, split_sets
 from largemim.data.stream import StreamSpec, build_train_loader, check_exact_split
 from largemim.distributed import DistEnv
-from largemim.engine import build_engine, build_model, load_ds_json
+from largemim.engine import build_engine, build_model, load_ds_json, reapply_optim_config
 from largemim.flops import peak_tflops, train_flops_per_image
 from largemim.memory import choose_grad_ckpt
 from largemim.monitor import Monitor
@@ -113,6 +113,8 @@ def train(cfg: Config, env: DistEnv) -> dict:
             check_exact_split(len(urls), env.world_size, lanes)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if cfg.objective.name == "data2vec" and cfg.objective.ema_steps == -1:
+        cfg.objective.ema_steps = plan.total_steps  # the EMA ramp spans the run, whatever its batch and length
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if env.rank == 0:
@@ -125,6 +127,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
     ds_json = load_ds_json(cfg.ds_config)
     ckpt = Checkpointer(run_dir, cfg.checkpoint.keep_last, env.rank)
     universal = None
+    ckpt.agree_on_latest()  # every rank resumes from rank 0's pick
     to_convert = ckpt.needs_universal(env.world_size, force=cfg.checkpoint.load_universal)
     if to_convert is not None:  # written at another world size: load through DeepSpeed's universal format
         universal = ckpt.convert_to_universal(to_convert)
@@ -150,6 +153,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
     start = 0
     if client is not None:
         _keep_configured_clip(engine, cfg)
+        reapply_optim_config(engine, cfg, plan)
         start = int(client["step"])
         saved = client.get("data", {})
         changed = {k: (saved.get(k), v) for k, v in data_state.items() if saved.get(k) != v}
@@ -191,6 +195,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
 
     step, last_saved = start, start
     sums: dict[str, torch.Tensor] = {}  # loss and any other scalar the objective returns, summed per window
+    window = 0  # optimizer steps in sums
     skipped = 0
     last_pixels = None  # data.decode=device: stands in for a micro-batch none of whose files decode
     run_log.restart_clock(start)
@@ -220,12 +225,15 @@ def train(cfg: Config, env: DistEnv) -> dict:
                 if torch.is_tensor(value) and value.ndim == 0:
                     sums[key] = sums.get(key, 0) + value.detach().float()
         step += 1
-        if hasattr(engine.module, "after_step"):  # e.g. data2vec's EMA teacher update, on every rank
+        window += 1
+        # e.g. data2vec's EMA teacher update, on every rank; not after a step skipped on inf/NaN gradients
+        if hasattr(engine.module, "after_step") and engine.was_step_applied():
             engine.module.after_step(step)
         if step % cfg.log.every_steps == 0 or step == plan.total_steps:
-            n = cfg.log.every_steps if step % cfg.log.every_steps == 0 else step % cfg.log.every_steps
-            means = _mean_across_ranks(sums, n * ga)
+            # steps actually summed: a resumed run's first window, and the last one, can be partial
+            means = _mean_across_ranks(sums, window * ga)
             sums.clear()
+            window = 0
             loss = means.pop("loss")
             if not np.isfinite(loss):
                 raise FloatingPointError(
@@ -240,6 +248,15 @@ def train(cfg: Config, env: DistEnv) -> dict:
             if total_skipped:
                 scalars["skipped_samples"] = float(total_skipped)
             run_log.step(step, scalars, plan.global_batch)
+        # Before pictures, the representation check and the periodic save: the grace time before the
+        # scheduler kills the job goes to the one save that matters.
+        if stopper.agreed():
+            log.warning("stopping at step %d on %s: saving", step, stopper.received or "another rank's signal")
+            if last_saved != step:
+                save(step)
+            summary.update(stopped_early=True, end_step=step)
+            run_log.close()
+            return summary
         if cfg.log.image_every_steps and step % cfg.log.image_every_steps == 0:
             monitor.reconstruction(step, run_log)
         if monitor.has_eval and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < plan.total_steps:
@@ -251,13 +268,6 @@ def train(cfg: Config, env: DistEnv) -> dict:
         if step % cfg.checkpoint.every_steps == 0 and step < plan.total_steps:
             save(step)
             last_saved = step
-        if stopper.agreed():
-            log.warning("stopping at step %d on %s: saving", step, stopper.received or "another rank's signal")
-            if last_saved != step:
-                save(step)
-            summary.update(stopped_early=True, end_step=step)
-            run_log.close()
-            return summary
     if last_saved != step:
         save(step)
     monitor.reconstruction(step, run_log)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -37,7 +38,7 @@ from largemim.convert import (
 from largemim.convert.hf_vitmae import export_hf, import_hf
 from largemim.convert.official_mae import load_official, save_official, to_official
 from largemim.convert.timm_format import export_timm
-from largemim.convert.weights_io import read_metadata
+from largemim.convert.weights_io import read_metadata, save_weights
 from largemim.models.pos_embed import sincos_2d
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,6 +194,15 @@ def test_official_encoder_only_release_initialises_the_encoder(tmp_path):
     assert all(torch.equal(fresh.encoder.state_dict()[k], v) for k, v in model.encoder.state_dict().items())
 
 
+def test_consolidation_keeps_integer_buffers_exact():
+    """A BEiT's tokenizer id is an int64 hash: an fp32 round trip would change it (and the tokenizer check)."""
+    from largemim.convert.consolidate import _fp32
+
+    tokenizer_id = torch.tensor(4949498559009812781)
+    assert _fp32(tokenizer_id).item() == 4949498559009812781
+    assert _fp32(torch.ones(2, dtype=torch.bfloat16)).dtype == torch.float32
+
+
 def test_file_needing_full_unpickle_is_refused_without_trust(tmp_path):
     path = tmp_path / "odd.pth"
     torch.save({"model": {"w": torch.ones(2)}, "note": fractions.Fraction(1, 3)}, path)
@@ -286,6 +296,21 @@ def test_cli_exports_a_trained_run(runs, tmp_path):
         ours, theirs = model(x, noise=noise), hf.eval()(pixel_values=x, noise=noise)
     torch.testing.assert_close(theirs.loss, ours["loss"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(theirs.logits, ours["pred"], rtol=1e-5, atol=1e-5)
+
+    # Refused: one rank's DeepSpeed file as weights, a --config that contradicts the stored architecture,
+    # and weights that do not fit the architecture they are exported as.
+    step = run / "checkpoints" / "step_00000002"
+    assert main(["to-hf", str(step / "zero_pp_rank_0_mp_rank_00_model_states.pt"), str(tmp_path / "x")]) == 2
+    other = yaml.safe_load((run / "config.yaml").read_text())
+    other["model"]["decoder_dim"] = 2 * other["model"]["decoder_dim"]
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    assert main(["to-hf", str(run), str(tmp_path / "x"), "--config", str(tmp_path / "other.yaml")]) == 2
+    save_weights(sd, tmp_path / "bare.safetensors")  # no architecture stored: --config is the only one
+    assert main(["to-hf", str(tmp_path / "bare.safetensors"), str(tmp_path / "x"), "--config",
+                 str(tmp_path / "other.yaml")]) == 2  # fmt: skip
+    assert not (tmp_path / "x").exists()
+    assert main(["to-hf", str(tmp_path / "bare.safetensors"), str(tmp_path / "x"), "--config",
+                 str(run / "config.yaml")]) == 0  # fmt: skip
 
     assert main(["to-official", str(tmp_path / "mae.pt"), str(tmp_path / "mae.pth")]) == 0
     out = tmp_path / "back.safetensors"

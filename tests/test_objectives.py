@@ -381,6 +381,40 @@ def test_data2vec_teacher_is_an_ema_of_the_student():
     assert "ema_master" in state and any(k.startswith("teacher.") for k in state)
 
 
+def test_weight_decay_groups_see_zero3_partitioned_shapes():
+    """Under ZeRO-3 (zero.Init) each rank holds an empty 1-D slice of every parameter, its shape in
+    ds_shape: matrices must still be decayed (they had all gone to the no-decay group)."""
+    model = build_objective(nano_cfg("mae"))
+    whole = param_groups(model, 0.05)
+    for p in model.parameters():  # what zero.Init leaves on a rank
+        p.ds_shape = p.shape
+        p.data = torch.empty(0)
+    sliced = param_groups(model, 0.05)
+    assert [len(g["params"]) for g in sliced] == [len(g["params"]) for g in whole]
+    assert len(whole[0]["params"]) > 0 and whole[0]["weight_decay"] == 0.05 and whole[1]["weight_decay"] == 0.0
+
+
+def test_data2vec_init_from_encoder_weights_starts_the_teacher_as_the_loaded_student():
+    """model.init_from with an encoder-only file (an MAE, timm or HF encoder): the teacher must not stay at
+    the random initialisation, and a stale master from a weights file is never loaded."""
+    from largemim.convert.init_from import InitWeights, apply_init_weights
+
+    model: Data2Vec = build_objective(d2v_cfg())
+    model.after_step(1)  # a used master and count, as in a model that trained
+    donor = build_objective(d2v_cfg())
+    with torch.no_grad():
+        for p in donor.encoder.parameters():
+            p.add_(torch.randn_like(p))
+    encoder = {f"encoder.{k}": v for k, v in donor.encoder.state_dict().items()}
+    stale = {"ema_master": torch.randn(3), "ema_updates": torch.tensor(7)}  # another run's, another shape
+    apply_init_weights(model, InitWeights({**encoder, **stale}, None, "test"))
+    for s, t, d in zip(model.encoder.parameters(), model.teacher.parameters(), donor.encoder.parameters(), strict=True):
+        assert torch.equal(s, d) and torch.equal(t, d)
+    assert int(model.ema_updates) == 0  # the master is refilled from the loaded teacher at the first update
+    model.after_step(1)
+    assert torch.equal(model.ema_master, torch.cat([t.detach().flatten() for t in model.teacher.parameters()]))
+
+
 def _zero3_slices(wholes: list[torch.Tensor], rank: int, world: int) -> torch.Tensor:
     """What DeepSpeed ZeRO-3 gives ``rank``: each parameter flattened, zero-padded to a multiple of the
     world size, cut into equal parts."""

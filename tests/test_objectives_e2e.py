@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO, TINY, free_port, read_metrics, trainer_env
 
 pytestmark = pytest.mark.slow
@@ -144,7 +145,7 @@ def test_beit_simmim_data2vec_under_zero2_and_zero3(tmp_path, shard_set, tokeniz
         "d2v_z2_bf16_ckpt": _run("data2vec_tiny_cpu.yaml", tmp_path / "d2v2", shard_set, z2, "bf16", *d2v,
                                  "model.grad_ckpt_every=1", resume_at=4),
         "d2v_z0_fp32": _run("data2vec_tiny_cpu.yaml", tmp_path / "d2v0", shard_set, "ds_configs/zero0.json", "fp32",
-                            *d2v, resume_at=4),
+                            *d2v, "objective.ema_steps=-1", resume_at=4),  # the EMA ramp spans the run
         "d2v_z1_bf16": _run("data2vec_tiny_cpu.yaml", tmp_path / "d2v1", shard_set, "ds_configs/zero1.json", "bf16",
                             *d2v, resume_at=4),
         "d2v_z3_fp32": _run("data2vec_tiny_cpu.yaml", tmp_path / "d2v3", shard_set, z3, "fp32", *d2v, resume_at=4),
@@ -168,6 +169,8 @@ def test_beit_simmim_data2vec_under_zero2_and_zero3(tmp_path, shard_set, tokeniz
         if not name.startswith("d2v"):
             assert (Path(run["run_dir"]) / f"reconstructions/step_{STEPS:08d}.png").is_file()
     _check_teacher(Path(runs["d2v_z3_bf16_cold"]["run_dir"]))
+    resolved = yaml.safe_load((Path(runs["d2v_z0_fp32"]["run_dir"]) / "config.yaml").read_text())
+    assert resolved["objective"]["ema_steps"] == STEPS
 
 
 def _check_teacher(run_dir: Path) -> None:
@@ -176,6 +179,7 @@ def _check_teacher(run_dir: Path) -> None:
     from largemim.convert.consolidate import consolidate
 
     sd, _ = consolidate(run_dir)
+    assert "ema_master" not in sd  # rank-local training state (under ZeRO-3, rank 0's slices only)
     for name in ("blocks.0.attn.qkv.weight", "patch_embed.proj.weight"):
         teacher, student = sd[f"teacher.{name}"], sd[f"encoder.{name}"]
         assert teacher.shape == student.shape and not sd[f"teacher.{name}"].equal(student)

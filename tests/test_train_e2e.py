@@ -95,14 +95,31 @@ def test_auto_checkpointing_checkpoints_when_the_budget_needs_it(tmp_path, shard
     assert sorted(a) == [1, 2, 3] and [a[s]["loss"] for s in a] == [b[s]["loss"] for s in b]
 
 
-def test_resume_takes_the_configured_grad_clip(tmp_path, shard_set):
-    """DeepSpeed's ZeRO-2 optimizer brings back the clip saved in the checkpoint; the run's config wins."""
-    common = ["ds_config=ds_configs/zero2.json", "train.precision=fp32", "train.steps=4", "checkpoint.every_steps=2"]
+def test_resume_takes_the_configured_optimizer_settings_and_logs_whole_windows(tmp_path, shard_set):
+    """A resume goes on with the run's configured lr and clip, not those saved in the checkpoint (the advice
+    after a NaN is to lower the lr and resume), and a resumed run's first log window averages only the
+    steps it ran."""
+    common = [
+        "ds_config=ds_configs/zero2.json", "train.precision=fp32", "train.steps=6", "checkpoint.every_steps=3",
+        "optim.grad_clip=0",
+    ]  # fmt: skip
+    straight = tmp_path / "straight"
+    run_trainer(straight, shard_set, [*common, "log.every_steps=1", "optim.grad_clip=0.5"])
+    per_step = read_metrics(straight)  # steps 1-3 as in the run below; step 4's loss comes before its update
+
     run = tmp_path / "run"
-    run_trainer(run, shard_set, [*common, "optim.grad_clip=0.5"])
-    shutil.rmtree(run / "checkpoints/step_00000004")  # as if stopped after step 2
-    proc = run_trainer(run, shard_set, [*common, "optim.grad_clip=0"])
+    run_trainer(run, shard_set, [*common, "log.every_steps=2", "optim.grad_clip=0.5"])
+    shutil.rmtree(run / "checkpoints/step_00000006")  # as if stopped after step 3
+    proc = run_trainer(run, shard_set, [*common, "log.every_steps=2"])
     assert "optim.grad_clip=0 replaces the clip of 0.5 saved in the checkpoint" in proc.stdout + proc.stderr
+    # the step-4 window holds step 4 alone (it was divided by the full window's 2 steps)
+    assert read_metrics(run)[4]["loss"] == pytest.approx(per_step[4]["loss"], rel=1e-6)
+
+    shutil.rmtree(run / "checkpoints/step_00000006")
+    proc = run_trainer(run, shard_set, [*common, "log.every_steps=2", "optim.base_lr=4e-3"])  # twice TINY's
+    assert "the configured optimizer settings replace the checkpoint's: peak lr" in proc.stdout + proc.stderr
+    lr = read_metrics(run)[4]["lr"]
+    assert lr > 0 and lr == pytest.approx(2 * per_step[4]["lr"], rel=1e-6)
 
 
 def test_compiled_training_gives_the_eager_losses(tmp_path, shard_set):
@@ -208,13 +225,22 @@ def test_resume_at_another_world_size_through_universal_checkpoint(tmp_path, sha
     straight = tmp_path / "straight"
     run_trainer(straight, shard_set, [*common, "train.micro_batch=16"])
     full = read_metrics(straight)
-    for nproc, micro, extra in ((2, 16, ["checkpoint.load_universal=true"]), (1, 32, [])):
+    for nproc, micro, extra in ((2, 16, ["checkpoint.load_universal=true"]), (1, 32, ["checkpoint.keep_last=1"])):
         run = tmp_path / f"resumed_{nproc}"
         shutil.copytree(straight, run)
-        shutil.rmtree(run / "checkpoints/step_00000008")  # as if stopped after step 4
+        shutil.rmtree(run / "checkpoints/step_00000008")  # as if stopped after step 4 ...
+        leftover = run / "checkpoints/step_00000008/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        leftover.parent.mkdir()
+        leftover.write_bytes(b"half a file")  # ... in the middle of saving step 8 with 2 ranks
         proc = run_trainer(run, shard_set, [*common, f"train.micro_batch={micro}", *extra], nproc=nproc)
         assert "universal format" in proc.stdout + proc.stderr
-        assert (run / "checkpoints/universal/step_00000004/COMPLETE").is_file()
+        universal = run / "checkpoints/universal/step_00000004"
+        if nproc == 2:
+            assert (universal / "COMPLETE").is_file()
+        else:  # keep_last=1: step 4 went when step 8 was saved, and its universal copy with it
+            assert not universal.exists() and not (run / "checkpoints/step_00000004").exists()
+            assert not leftover.exists(), "a 2-rank shard of the interrupted save was left among 1-rank files"
+        assert (run / "checkpoints/step_00000008/COMPLETE").is_file()
         resumed = read_metrics(run)
         assert sorted(resumed) == list(range(1, 9))
         for step in range(5, 9):

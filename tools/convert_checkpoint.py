@@ -52,12 +52,52 @@ def _source(args) -> tuple[dict, MIMArch]:
     if args.config:
         from largemim.config import load_config
 
-        arch = MIMArch.from_config(load_config(args.config))
+        given = MIMArch.from_config(load_config(args.config))
+        if arch is not None:
+            differ = _differences(arch, given)
+            if differ:
+                raise ValueError(f"{args.src} stores its own architecture, and --config {args.config} differs from "
+                                 f"it ({'; '.join(differ[:6])}): leave --config out")  # fmt: skip
+        arch = given
     if arch is None:
         raise SystemExit(f"{args.src} does not say its architecture (heads, mask ratio); pass --config "
                          "RUN_DIR/config.yaml or the recipe it was trained with")  # fmt: skip
     log.info("read %s (%s): %s", args.src, weights.source_format, describe(weights.state_dict))
+    _check_fits(weights.state_dict, arch, args)
     return weights.state_dict, arch
+
+
+def _differences(stored: MIMArch, given: MIMArch) -> list[str]:
+    """What the exports write that two architectures disagree on (not training-only settings)."""
+    fields = {
+        "model": ("size", "patch_size", "img_size", "in_chans", "decoder_dim", "decoder_depth", "decoder_heads"),
+        "objective": ("name", "mask_ratio", "norm_pix_loss"),
+    }
+    out = []
+    for section, names in fields.items():
+        a, b = getattr(stored, section), getattr(given, section)
+        out += [f"{section}.{k}: {getattr(a, k)!r} vs {getattr(b, k)!r}" for k in names
+                if getattr(a, k) != getattr(b, k)]  # fmt: skip
+    return out
+
+
+def _check_fits(sd: dict, arch: MIMArch, args) -> None:
+    """The weights must have the shapes of the architecture they are exported as: an export under the
+    wrong --config would write a folder that fails to load, or loads and computes something else."""
+    from largemim.objectives.ema import RUN_STATE
+
+    try:
+        want = {k: tuple(v.shape) for k, v in arch.build("meta").state_dict().items()}
+    except Exception as e:  # noqa: BLE001 - e.g. a BEiT whose tokenizer file is not here: nothing to check against
+        log.warning("could not build %s to check the weights' shapes against (%s)", arch.model.size, e)
+        return
+    have = {k: tuple(v.shape) for k, v in sd.items() if k.rsplit(".", 1)[-1] not in RUN_STATE}
+    extra = sorted(set(have) - set(want))
+    bad = [f"{k} {have[k]} vs {want[k]}" for k in have.keys() & want.keys() if have[k] != want[k]]
+    if extra or bad:
+        raise ValueError(f"{args.src} does not fit the architecture it is exported as (model.size="
+                         f"{arch.model.size}, patch {arch.model.patch_size}, img {arch.model.img_size}): "
+                         f"shape mismatches {bad[:4]}, unexpected {extra[:4]}; is --config the run's own?")  # fmt: skip
 
 
 def cmd_consolidate(args) -> dict:
@@ -160,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="[%(relativeCreated)7.0f ms] %(message)s")
     try:
         summary = args.fn(args)
-    except (IncompleteCheckpointError, UnsafePickleError, FileNotFoundError, ValueError) as e:
+    except (IncompleteCheckpointError, UnsafePickleError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"convert_checkpoint {args.command}: {e}", file=sys.stderr)
         return 2
     summary["seconds"] = round(time.time() - t0, 1)

@@ -27,6 +27,7 @@ import torch
 from largemim.checkpoint import MARKER, TAG_RE, complete_checkpoints, read_marker
 from largemim.convert.arch import MIMArch
 from largemim.convert.safe_load import check_files, load_torch
+from largemim.objectives.ema import RUN_STATE
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,17 @@ def consolidate(path: str | Path, trust_pickle: bool = False) -> tuple[dict[str,
     missing = [k for k in module if k not in sd]
     if missing:
         raise RuntimeError(f"{folder}: consolidation lost {missing}")
-    sd = {k: sd[k].float().contiguous() for k in module}  # the model's own order
+    # Run-local training state (data2vec's fp32 EMA master: under ZeRO-3 each rank holds its own slice, and
+    # rank 0's file has only that slice) is not part of the model: a run initialised from these weights
+    # rebuilds it from the teacher.
+    dropped = [k for k in module if k.rsplit(".", 1)[-1] in RUN_STATE]
+    if dropped:
+        log.info("left out run-local training state: %s", ", ".join(dropped))
+    # the model's own order; integer buffers (a BEiT tokenizer's id) keep their dtype: fp32 would round them
+    sd = {k: _fp32(sd[k]) for k in module if k not in dropped}
     log.info("consolidated %d tensors in %.1fs", len(sd), time.time() - t0)
     return sd, arch
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return (t.float() if t.is_floating_point() else t).contiguous()

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from largemim.convert.arch import MIMArch
+from largemim.objectives.ema import RUN_STATE
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,8 @@ def apply_init_weights(model: nn.Module, weights: InitWeights) -> list[str]:
     train from a different starting point than the one asked for.
     """
     own = model.state_dict()
-    sd = weights.state_dict
+    # an EMA teacher's run-local state (in weight files written before it was left out) is never loaded
+    sd = {k: v for k, v in weights.state_dict.items() if k.rsplit(".", 1)[-1] not in RUN_STATE}
     extra = sorted(set(sd) - set(own))
     bad = [
         f"{k}: {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -121,6 +123,8 @@ def apply_init_weights(model: nn.Module, weights: InitWeights) -> list[str]:
     _check_heads(model, weights)
     with torch.no_grad():
         result = model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
+    if hasattr(model, "after_init_from"):
+        model.after_init_from(set(sd))
     missing = sorted(result.missing_keys)
     if missing:
         log.info("initialised %d of %d tensors from %s; left at init: %s%s", len(sd), len(own),

@@ -81,6 +81,13 @@ def read_metadata(path: str | Path) -> MIMArch | None:
 
 def unwrap_state_dict(obj, path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
     """The ``{name: tensor}`` inside a loaded checkpoint (``{'model': ...}``, ``{'state_dict': ...}``...)."""
+    if isinstance(obj, dict) and {"ds_version", "param_shapes"} & set(obj):
+        # One rank's DeepSpeed model states: 16-bit weights at best (ZeRO-1/2 bf16), empty placeholders under
+        # ZeRO-3; the fp32 weights are spread over the optimizer shards beside it.
+        raise ValueError(
+            f"{path} is one file of a DeepSpeed checkpoint, not a weights file: pass its folder "
+            f"({Path(path).parent}) or the run folder, and the shards are consolidated to fp32"
+        )
     for _ in range(3):
         if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return dict(obj)

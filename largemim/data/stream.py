@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -280,4 +281,13 @@ def build_train_loader(spec: StreamSpec, augment: TrainAugment, workers: int, st
         pin_memory=pin,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
     )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Slurm signals every process of a job step. A worker leaves the stop to its rank, and so must the
+    readers it starts for ``pipe:`` and ``http(s)`` shards (curl, aws): ignored signals stay ignored in a
+    child, where a Python handler would not, and a killed reader would cut the shard short."""
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)

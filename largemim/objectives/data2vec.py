@@ -76,6 +76,16 @@ class Data2Vec(nn.Module):
             t.copy_(s)  # the teacher starts as the student
         self.ema_updates.zero_()  # the master is filled from the teacher at the first update
 
+    @torch.no_grad()
+    def after_init_from(self, loaded: set[str]) -> None:
+        """After weights were loaded over the initialisation (``model.init_from``): a teacher the weights did
+        not carry (an MAE, timm or HF encoder) starts as the loaded student, and the fp32 master is refilled
+        from the teacher at the first update. Under ZeRO-3, call with the parameters gathered."""
+        if not any(k.startswith("teacher.") for k in loaded):
+            for s, t in zip(self.encoder.parameters(), self.teacher.parameters(), strict=True):
+                t.copy_(s)
+        self.ema_updates.zero_()
+
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"mask_token"}
 

@@ -25,6 +25,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+# Buffer names of an EMA teacher's training state that belong to one run's ranks, not to the model: the
+# fp32 master (under ZeRO-3, this rank's slices) and its update count. Weight files leave them out; a run
+# initialised from weights refills the master from the teacher at its first update.
+RUN_STATE = frozenset({"ema_master", "ema_updates"})
+
 
 def is_partitioned(p: nn.Parameter) -> bool:
     return hasattr(p, "ds_id")
