@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,32 @@ def test_official_encoder_only_release_initialises_the_encoder(tmp_path):
     missing = apply_init_weights(fresh, weights)
     assert set(missing) == {k for k in model.state_dict() if not k.startswith("encoder.")}
     assert all(torch.equal(fresh.encoder.state_dict()[k], v) for k, v in model.encoder.state_dict().items())
+
+
+def test_folder_exports_replace_the_previous_export_whole_or_not_at_all(tmp_path, monkeypatch):
+    import largemim.convert.hf_vitmae as hf_vitmae
+
+    arch, out = _tiny_arch(), tmp_path / "hf"
+    sd = _tiny_model(arch).state_dict()
+    export_hf(sd, arch, out)
+    first = (out / "model.safetensors").read_bytes()
+    (out / "preprocessor_config.json").write_text("{}")  # to be replaced, like the rest
+
+    def disk_full(path, obj):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:  # the weights are written, then the config fails
+        m.setattr(hf_vitmae, "dump_json", disk_full)
+        with pytest.raises(OSError, match="No space"):
+            export_hf({k: v * 2 for k, v in sd.items()}, arch, out)
+    assert (out / "model.safetensors").read_bytes() == first and (out / "preprocessor_config.json").is_file()
+    export_hf(sd, replace(arch, mean=None, std=None), out)  # no normalisation: no preprocessor config
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no partial or previous folder left
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds files this export does not write \\(notes.txt\\)"):
+        export_hf(sd, arch, out)
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_consolidation_keeps_integer_buffers_exact():

@@ -152,3 +152,13 @@ def test_reference_and_fast_decode_draw_the_same_crops(shard_set):
     fast = take(urls, 2, world=1)
     for a, b in zip(ref, fast, strict=True):  # same crop and flip; resize kernels differ by < 1 grey level
         assert (a.images.float() - b.images.float()).abs().mean() < 0.25
+
+
+def test_pipe_readers_survive_the_stop_signals(shard_set):
+    """Slurm signals every process before a time limit: a worker's pipe: reader that gets SIGUSR1/SIGUSR2
+    must go on reading (a killed reader would cut its shard short), as the worker ignores them."""
+    urls = expand_shards(shard_set)
+    signalled = [f"pipe:kill -USR1 $$; kill -USR2 $$; cat {u}" for u in urls]
+    plain, piped = take(urls, 6, workers=1), take(signalled, 6, workers=1)
+    assert all(torch.equal(a.images, b.images) for a, b in zip(plain, piped, strict=True))
+    assert sum(b.skipped for b in piped) == 0

@@ -28,7 +28,7 @@ import torch
 from largemim.config import ModelConfig, ObjectiveConfig
 from largemim.convert.arch import MIMArch
 from largemim.convert.safe_load import load_torch
-from largemim.convert.weights_io import describe, dump_json, save_weights, unwrap_state_dict
+from largemim.convert.weights_io import atomic_folder, describe, dump_json, save_weights, unwrap_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -170,18 +170,18 @@ def export_hf(mim_sd: dict[str, torch.Tensor], arch: MIMArch, out: str | Path) -
     if out.suffix:
         raise ValueError(f"{out}: the Hugging Face format is a folder; give a folder name")
     sd = to_hf(mim_sd)
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(sd, out / "model.safetensors")
-    dump_json(out / "config.json", hf_config(arch))
     written = ["config.json", "model.safetensors"]
-    if arch.mean is not None:
-        size = arch.model.img_size
-        dump_json(out / "preprocessor_config.json", {
-            "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
-            "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": list(arch.mean), "image_std": list(arch.std),
-        })  # fmt: skip
-        written.append("preprocessor_config.json")
+    with atomic_folder(out, {*written, "preprocessor_config.json"}) as tmp:
+        save_weights(sd, tmp / "model.safetensors")
+        dump_json(tmp / "config.json", hf_config(arch))
+        if arch.mean is not None:
+            size = arch.model.img_size
+            dump_json(tmp / "preprocessor_config.json", {
+                "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
+                "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                "image_mean": list(arch.mean), "image_std": list(arch.std),
+            })  # fmt: skip
+            written.append("preprocessor_config.json")
     return {"written": str(out), "files": written, "weights": describe(sd),
             "load": f"transformers.ViTMAEForPreTraining.from_pretrained({str(out)!r})"}  # fmt: skip
 

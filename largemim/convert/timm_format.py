@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from largemim.convert.arch import MIMArch, infer_arch
-from largemim.convert.weights_io import describe, save_weights
+from largemim.convert.weights_io import atomic_folder, describe, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,9 @@ def export_timm(mim_sd: dict[str, torch.Tensor], arch: MIMArch, out: str | Path)
     model = build_timm(arch, "meta")
     model.load_state_dict(sd, strict=True, assign=True)  # meta -> real tensors, no second copy
     data = {"mean": tuple(arch.mean), "std": tuple(arch.std)} if arch.mean else None
-    save_for_hf(model, str(out), safe_serialization=True, data_config=data,
-                model_config={"pretrained_cfg": {"tag": "largemim", "license": None}})  # fmt: skip
+    with atomic_folder(out, {"config.json", "model.safetensors"}) as tmp:
+        save_for_hf(model, str(tmp), safe_serialization=True, data_config=data,
+                    model_config={"pretrained_cfg": {"tag": "largemim", "license": None}})  # fmt: skip
     summary["load_folder"] = f"timm.create_model('local-dir:{out}', pretrained=True)"
     return summary
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -55,8 +58,13 @@ def save_weights(sd: dict[str, torch.Tensor], path: str | Path, arch: MIMArch | 
         save_file(sd, str(tmp), metadata=meta)
     elif path.suffix in TORCH_SUFFIXES:
         torch.save(sd, tmp)
+        side = Path(str(path) + ".json")  # the architecture beside a torch file; never an older run's
         if arch is not None:
-            Path(str(path) + ".json").write_text(arch.to_json())
+            side_tmp = side.with_name(side.name + ".tmp")
+            side_tmp.write_text(arch.to_json())
+            os.replace(side_tmp, side)
+        else:
+            side.unlink(missing_ok=True)
     else:
         raise ValueError(f"{path}: unknown weights format {path.suffix!r}; use .safetensors (or .pt)")
     os.replace(tmp, path)
@@ -64,6 +72,34 @@ def save_weights(sd: dict[str, torch.Tensor], path: str | Path, arch: MIMArch | 
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)  # safetensors creates its file private; make it like any other output
     return path
+
+
+@contextmanager
+def atomic_folder(out: str | Path, writes: set[str]) -> Iterator[Path]:
+    """A temporary folder to write an export into, put in ``out``'s place only once everything is written:
+    a crash leaves the previous export (or nothing), never a mix of new weights and an old config. An
+    ``out`` holding files other than ``writes`` is refused rather than replaced."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"{out} exists and is not a folder")
+        other = sorted(p.name for p in out.iterdir() if p.name not in writes)
+        if other:
+            raise ValueError(f"{out} holds files this export does not write ({', '.join(other[:4])}): give a new "
+                             "or empty folder")  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (out.with_name(f".{out.name}.{what}-{os.getpid()}") for what in ("partial", "previous"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_metadata(path: str | Path) -> MIMArch | None:

@@ -286,8 +286,10 @@ def build_train_loader(spec: StreamSpec, augment: TrainAugment, workers: int, st
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Slurm signals every process of a job step. A worker leaves the stop to its rank, and so must the
-    readers it starts for ``pipe:`` and ``http(s)`` shards (curl, aws): ignored signals stay ignored in a
-    child, where a Python handler would not, and a killed reader would cut the shard short."""
-    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+    """Slurm signals every process of a job step before its time limit (``--signal``, USR1/USR2). A worker
+    leaves the stop to its rank, and so must the readers it starts for ``pipe:`` and ``http(s)`` shards
+    (curl, aws): ignored signals stay ignored in a child, where a Python handler would not, and a killed
+    reader would cut the shard short. SIGTERM is left alone: it is how a DataLoader (and multiprocessing
+    at exit) ends a worker that does not stop by itself, and ignoring it hangs the process at exit."""
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
