@@ -61,12 +61,20 @@ def _write_atomic(path: Path, text: str) -> None:
         os.close(fd)
 
 
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
 def _converted_from(out: Path, meta: dict) -> bool:
     """Whether ``out`` is a finished universal copy of the checkpoint whose marker says ``meta`` (a copy of
     an earlier checkpoint of the same step, since deleted and written again, is not)."""
-    if not (out / MARKER).is_file():
+    try:
+        done = read_marker(out)
+    except (FileNotFoundError, json.JSONDecodeError):  # not there yet, or being replaced by rank 0
         return False
-    done = read_marker(out)
     return done.get("saved_at") == meta.get("saved_at") and done.get("world_size") == meta.get("world_size")
 
 
@@ -87,9 +95,11 @@ class Checkpointer:
         stale = self.dir / tag
         if self.rank == 0 and stale.is_dir() and not (stale / MARKER).is_file():
             # An interrupted save of this step (perhaps by another number of ranks): its leftover shards
-            # must not mix with the new ones.
+            # must not mix with the new ones. Never raises here: the other ranks wait at the barrier.
             log.warning("removing incomplete checkpoint %s before saving that step again", stale)
-            shutil.rmtree(stale)
+            shutil.rmtree(stale, ignore_errors=True)
+            if stale.exists():
+                log.warning("could not remove all of %s: files of the new save replace those of the same name", stale)
         dist.barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
         dist.barrier()  # every rank's shards are on disk before the marker says so
@@ -116,8 +126,11 @@ class Checkpointer:
         universal = self.dir / "universal"
         if universal.is_dir():  # converted copies go with their checkpoints (each is a full fp32 + Adam copy)
             for d in universal.iterdir():
-                if d.name.removesuffix(".tmp") not in kept:
-                    shutil.rmtree(d, ignore_errors=True)
+                if d.name.split(".")[0] not in kept:
+                    if d.is_dir():
+                        shutil.rmtree(d, ignore_errors=True)
+                    else:
+                        d.unlink(missing_ok=True)
         newest = complete[-1][0] if complete else -1
         for d in self.dir.iterdir():  # half-written folders left by an earlier crash
             m = TAG_RE.match(d.name)
@@ -181,45 +194,51 @@ class Checkpointer:
         """
         out = self.universal_dir(folder)
         meta = read_marker(folder)
+        failed = out.with_name(out.name + ".failed")
         if self.rank == 0 and not _converted_from(out, meta):
-            log.warning(
-                "checkpoint %s was written by %s ranks with ZeRO-%s; converting it to DeepSpeed's universal "
-                "format for %d ranks (optimizer state included)", folder, meta.get("world_size"),
-                meta.get("zero_stage"), dist.get_world_size(),
-            )  # fmt: skip
-            tmp = out.with_name(out.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            cmd = [
-                sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
-                "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
-                "--num_merge_workers", "1",
-            ]  # fmt: skip
-            t0 = time.time()
-            failed = out.with_name(out.name + ".failed")
-            failed.unlink(missing_ok=True)
-            # The stop signals are ignored in the converter: Slurm signals every process of the job, and this
-            # rank records the signal and stops after its first step.
-            proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_ignore_stop_signals)
-            if proc.returncode != 0:
-                _write_atomic(failed, proc.stderr[-3000:])
-                raise RuntimeError(
-                    f"converting {folder} to the universal format failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
-                )
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(tmp, out)
-            _write_atomic(out / MARKER, json.dumps({**meta, "universal": True}))
-            log.info("converted to %s in %.1fs", out, time.time() - t0)
+            try:
+                self._convert(folder, out, meta, failed)
+            except BaseException as e:  # the other ranks wait on the file system: tell them, however it failed
+                _write_atomic(failed, f"{type(e).__name__}: {e}"[-3000:])
+                raise
         elif self.rank != 0:
             # A ViT-g's conversion can outlast a collective's timeout: wait on the file system, not a barrier.
-            failed, waited = out.with_name(out.name + ".failed"), time.time()
+            waited = time.time()
             while not _converted_from(out, meta):
-                if failed.is_file() and failed.stat().st_mtime >= waited - 5:
+                if _mtime(failed) >= waited - 5:
                     raise RuntimeError(f"rank 0 failed to convert {folder} to the universal format (see its log)")
                 if time.time() - waited > 4 * 3600:  # rank 0 died without a word and nothing ended this rank
                     raise RuntimeError(f"no universal copy of {folder} after 4 hours: is rank 0 still running?")
                 time.sleep(2.0)
         dist.barrier()
         return out
+
+    def _convert(self, folder: Path, out: Path, meta: dict, failed: Path) -> None:
+        log.warning(
+            "checkpoint %s was written by %s ranks with ZeRO-%s; converting it to DeepSpeed's universal "
+            "format for %d ranks (optimizer state included)", folder, meta.get("world_size"),
+            meta.get("zero_stage"), dist.get_world_size(),
+        )  # fmt: skip
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [
+            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
+            "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+            "--num_merge_workers", "1",
+        ]  # fmt: skip
+        t0 = time.time()
+        failed.unlink(missing_ok=True)
+        # The stop signals are ignored in the converter: Slurm signals every process of the job, and this
+        # rank records the signal and stops after its first step.
+        proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_ignore_stop_signals)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"converting {folder} to the universal format failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+            )
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        _write_atomic(out / MARKER, json.dumps({**meta, "universal": True}))
+        log.info("converted to %s in %.1fs", out, time.time() - t0)
 
     def load_latest(self, engine, universal: Path | None = None) -> dict | None:
         """Load the newest complete checkpoint into ``engine`` (through its universal copy if given);
@@ -236,14 +255,24 @@ class Checkpointer:
                 f"{world}; it must be loaded through the universal format (see Checkpointer.needs_universal)"
             )
         source = universal if universal is not None else folder
-        _, client = engine.load_checkpoint(
-            str(source.parent), tag=source.name, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        try:
+            _, client = engine.load_checkpoint(
+                str(source.parent), tag=source.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        except ValueError as e:
+            if "number of parameter groups" not in str(e) or universal is not None:
+                raise
+            # ZeRO-3 checkpoints written before largemim put the matrices in a weight-decay group (all of
+            # their parameters were in one group): the universal format maps the state by parameter name.
+            raise RuntimeError(
+                f"checkpoint {folder} has another number of optimizer parameter groups than this run ({e}); "
+                "resume with checkpoint.load_universal=true, which loads it parameter by parameter"
+            ) from None
         if client is None:
             raise RuntimeError(f"checkpoint {source} could not be loaded (DeepSpeed returned nothing); see the log")
         client.setdefault("step", step)
+        _unshare_step_counts(engine)  # also in checkpoints saved by a run that resumed through the bug below
         if universal is not None:
-            _unshare_step_counts(engine)
             restore_module_state(engine, folder)
         log.info("resumed from %s (step %d)%s", folder, step, " via its universal copy" if universal else "")
         return client

@@ -268,6 +268,14 @@ def train(cfg: Config, env: DistEnv) -> dict:
         if step % cfg.checkpoint.every_steps == 0 and step < plan.total_steps:
             save(step)
             last_saved = step
+            # A signal that came during this (long) save: stop now, with nothing more to write, rather
+            # than train a step and save it all again in the grace time. Only after a save: each check
+            # is a collective and a host sync.
+            if stopper.agreed():
+                log.warning("stopping at step %d on %s (saved)", step, stopper.received or "another rank's signal")
+                summary.update(stopped_early=True, end_step=step)
+                run_log.close()
+                return summary
     if last_saved != step:
         save(step)
     monitor.reconstruction(step, run_log)

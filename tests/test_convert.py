@@ -338,6 +338,8 @@ def test_cli_exports_a_trained_run(runs, tmp_path):
     assert not (tmp_path / "x").exists()
     assert main(["to-hf", str(tmp_path / "bare.safetensors"), str(tmp_path / "x"), "--config",
                  str(run / "config.yaml")]) == 0  # fmt: skip
+    assert main(["to-hf", str(tmp_path / "bare.safetensors"), str(tmp_path / "y")]) == 2  # no architecture known
+    assert main(["to-official", str(tmp_path / "bare.safetensors"), str(tmp_path / "bare.pth")]) == 0  # needs none
 
     assert main(["to-official", str(tmp_path / "mae.pt"), str(tmp_path / "mae.pth")]) == 0
     out = tmp_path / "back.safetensors"

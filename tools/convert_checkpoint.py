@@ -45,7 +45,7 @@ from largemim.convert.weights_io import describe  # noqa: E402
 log = logging.getLogger("convert")
 
 
-def _source(args) -> tuple[dict, MIMArch]:
+def _source(args, need_arch: bool = True) -> tuple[dict, MIMArch | None]:
     """Weights and architecture of SRC; --config supplies the architecture when SRC does not carry it."""
     weights = load_init_weights(args.src, img_size=getattr(args, "img_size", None), trust_pickle=args.trust_pickle)
     arch = weights.arch
@@ -59,11 +59,12 @@ def _source(args) -> tuple[dict, MIMArch]:
                 raise ValueError(f"{args.src} stores its own architecture, and --config {args.config} differs from "
                                  f"it ({'; '.join(differ[:6])}): leave --config out")  # fmt: skip
         arch = given
-    if arch is None:
-        raise SystemExit(f"{args.src} does not say its architecture (heads, mask ratio); pass --config "
+    if arch is None and need_arch:
+        raise ValueError(f"{args.src} does not say its architecture (heads, mask ratio); pass --config "
                          "RUN_DIR/config.yaml or the recipe it was trained with")  # fmt: skip
     log.info("read %s (%s): %s", args.src, weights.source_format, describe(weights.state_dict))
-    _check_fits(weights.state_dict, arch, args)
+    if arch is not None:
+        _check_fits(weights.state_dict, arch, args)
     return weights.state_dict, arch
 
 
@@ -133,7 +134,7 @@ def cmd_to_hf(args) -> dict:
 def cmd_to_official(args) -> dict:
     from largemim.convert.official_mae import save_official
 
-    sd, arch = _source(args)
+    sd, _ = _source(args, need_arch=False)  # the reference format is names and tensors only
     return save_official(sd, args.out, epoch=args.epoch)
 
 

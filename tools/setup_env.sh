@@ -14,10 +14,10 @@ stamp="$VENV/.largemim-installed"
 if [ ! -f "$stamp" ] || [ "$REPO/requirements.txt" -nt "$stamp" ] || [ "$REPO/pyproject.toml" -nt "$stamp" ]; then
   # torch's CUDA build alone is 5.6 GB in the venv: say so up front rather than fail mid-install.
   # (less what an earlier, interrupted install already put there)
-  have_kb=$(du -sk "$VENV" | awk '{print $1}')
-  need_kb=$((7 * 1024 * 1024 - have_kb))
-  free_kb=$(df -Pk "$VENV" | awk 'NR==2 {print $4}')
-  if [ "${free_kb:-0}" -lt "$need_kb" ]; then
+  have_kb=$(du -sk "$VENV" 2>/dev/null | awk '{print $1}' || true)
+  need_kb=$((7 * 1024 * 1024 - ${have_kb:-0}))
+  free_kb=$(df -Pk "$VENV" 2>/dev/null | awk 'NR==2 {print $4}' || true)
+  if [ -n "$free_kb" ] && [ "$free_kb" -lt "$need_kb" ]; then
     echo "[setup] not enough disk for the environment: $VENV needs about $((need_kb / 1024)) MiB more," \
          "and its file system has $((free_kb / 1024)) MiB free. Free some space, or point LARGEMIM_VENV at a larger disk."
     exit 1

@@ -79,7 +79,10 @@ def atomic_folder(out: str | Path, writes: set[str]) -> Iterator[Path]:
     """A temporary folder to write an export into, put in ``out``'s place only once everything is written:
     a crash leaves the previous export (or nothing), never a mix of new weights and an old config. An
     ``out`` holding files other than ``writes`` is refused rather than replaced."""
-    out = Path(out)
+    out = Path(out).resolve()  # "." and symlinks: the real folder
+    tmp, old = (out.with_name(f".{out.name}.{what}") for what in ("partial", "previous"))
+    if old.is_dir() and not out.exists():  # an earlier export died between its two renames
+        os.replace(old, out)
     if out.exists():
         if not out.is_dir():
             raise ValueError(f"{out} exists and is not a folder")
@@ -88,17 +91,19 @@ def atomic_folder(out: str | Path, writes: set[str]) -> Iterator[Path]:
             raise ValueError(f"{out} holds files this export does not write ({', '.join(other[:4])}): give a new "
                              "or empty folder")  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = (out.with_name(f".{out.name}.{what}-{os.getpid()}") for what in ("partial", "previous"))
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
     except BaseException:
+        if old.is_dir() and not out.exists():
+            os.replace(old, out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
 
 
