@@ -51,7 +51,8 @@ class ModelConfig:
 @dataclass
 class ObjectiveConfig:
     name: str = "mae"  # mae | simmim | beit | dvae | data2vec (largemim.objectives.OBJECTIVES)
-    mask_ratio: float = 0.75  # MAE's; the recipes set SimMIM 0.6, BEiT 0.4, data2vec 0.6
+    # MAE's 0.75 here; a config that leaves it out gets its objective's own (OWN_MASK_RATIO) from load_config
+    mask_ratio: float = 0.75
     norm_pix_loss: bool = True  # target = each patch's pixels normalised by its own mean and variance
     # Masking (SimMIM, BEiT, data2vec; MAE always masks random patches).
     mask: str = "auto"  # random | block | simmim; auto = the objective's own (SimMIM simmim, BEiT/data2vec block)
@@ -211,18 +212,26 @@ def _merge(schema, other, where: str):
         raise ConfigError(f"bad value for {e.full_key!r} in {where}: {str(e.msg).splitlines()[0]}") from None
 
 
+# The papers' mask ratios, for a config that names an objective but not its ratio.
+OWN_MASK_RATIO = {"simmim": 0.6, "beit": 0.4, "data2vec": 0.6}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults < YAML recipe at ``path`` < ``overrides`` like ``["optim.lr=1e-4", "run.dir=runs/x"]``."""
     cfg = OmegaConf.structured(Config)
+    ratio_given = False
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist (recipes live in largemim/recipes/)")
-        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+        recipe = OmegaConf.load(path)
+        ratio_given = OmegaConf.select(recipe, "objective.mask_ratio", default=None) is not None
+        cfg = _merge(cfg, recipe, str(path))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-4)")
         key, value = item.split("=", 1)
+        ratio_given |= key.strip() == "objective.mask_ratio"
         # Build the nested dict by hand rather than with from_dotlist, so values are taken verbatim and
         # converted by the schema's type (a shard pattern with braces or a 1e-4 stays what it looks like).
         nested: dict = {}
@@ -233,11 +242,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         node[parts[-1]] = _parse_value(value)
         cfg = _merge(cfg, OmegaConf.create(nested), f"command-line override {item!r}")
     try:
-        return OmegaConf.to_object(cfg)
+        result = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         if "missing mandatory value" in str(e).lower():
             raise ConfigError(f"{e.full_key} must be set (in the recipe or as {e.full_key}=...)") from None
         raise ConfigError(str(e).splitlines()[0]) from None
+    if not ratio_given:
+        result.objective.mask_ratio = OWN_MASK_RATIO.get(result.objective.name, result.objective.mask_ratio)
+    return result
 
 
 def _parse_value(value: str):

@@ -170,3 +170,13 @@ def test_skipping_the_overflow_check_is_refused_where_deepspeed_ignores_it():
     for stage in (0, 3):
         with pytest.raises(ConfigError, match="has an effect under ZeRO-1/2 only"):
             build_model(cfg, {"zero_optimization": {"stage": stage}})
+
+
+@pytest.mark.parametrize("name,ratio", [("mae", 0.75), ("simmim", 0.6), ("beit", 0.4), ("data2vec", 0.6)])
+def test_mask_ratio_defaults_to_the_objectives_own(name, ratio, tmp_path):
+    data = "data.shards=x.tar"
+    assert load_config(None, [data, f"objective.name={name}"]).objective.mask_ratio == ratio
+    assert load_config(None, [data, f"objective.name={name}", "objective.mask_ratio=0.75"]).objective.mask_ratio == 0.75
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"objective:\n  name: {name}\n  mask_ratio: 0.5\n")
+    assert load_config(recipe, [data]).objective.mask_ratio == 0.5
