@@ -152,12 +152,11 @@ class Checkpointer:
         waits for it, then fails with a message naming the folder.
         """
         self._agreed = None
-        pick = [self.latest() if self.rank == 0 else None]
+        found = self.latest() if self.rank == 0 else None
         if dist.is_initialized() and dist.get_world_size() > 1:
-            pick = [None if pick[0] is None else pick[0][0]]
-            dist.broadcast_object_list(pick, src=0)
-            pick = [None if pick[0] is None else (pick[0], self.dir / tag_for(pick[0]))]
-        found = pick[0]
+            box = [None if found is None else found[0]]  # the step: rank 0's path may not be another node's
+            dist.broadcast_object_list(box, src=0)
+            found = None if box[0] is None else (box[0], self.dir / tag_for(box[0]))
         if found is not None:
             deadline = time.time() + wait_s
             while not (found[1] / MARKER).is_file():

@@ -194,6 +194,16 @@ def train(cfg: Config, env: DistEnv) -> dict:
         ckpt.save(engine, step, state)
 
     step, last_saved = start, start
+
+    def stop_here() -> dict:
+        """Every rank agreed to stop at ``step``: save it unless just saved, and end the run."""
+        log.warning("stopping at step %d on %s", step, stopper.received or "another rank's signal")
+        if last_saved != step:
+            save(step)
+        summary.update(stopped_early=True, end_step=step)
+        run_log.close()
+        return summary
+
     sums: dict[str, torch.Tensor] = {}  # loss and any other scalar the objective returns, summed per window
     window = 0  # optimizer steps in sums
     skipped = 0
@@ -251,12 +261,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
         # Before pictures, the representation check and the periodic save: the grace time before the
         # scheduler kills the job goes to the one save that matters.
         if stopper.agreed():
-            log.warning("stopping at step %d on %s: saving", step, stopper.received or "another rank's signal")
-            if last_saved != step:
-                save(step)
-            summary.update(stopped_early=True, end_step=step)
-            run_log.close()
-            return summary
+            return stop_here()
         if cfg.log.image_every_steps and step % cfg.log.image_every_steps == 0:
             monitor.reconstruction(step, run_log)
         if monitor.has_eval and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < plan.total_steps:
@@ -272,10 +277,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
             # than train a step and save it all again in the grace time. Only after a save: each check
             # is a collective and a host sync.
             if stopper.agreed():
-                log.warning("stopping at step %d on %s (saved)", step, stopper.received or "another rank's signal")
-                summary.update(stopped_early=True, end_step=step)
-                run_log.close()
-                return summary
+                return stop_here()
     if last_saved != step:
         save(step)
     monitor.reconstruction(step, run_log)

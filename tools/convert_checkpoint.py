@@ -85,14 +85,14 @@ def _differences(stored: MIMArch, given: MIMArch) -> list[str]:
 def _check_fits(sd: dict, arch: MIMArch, args) -> None:
     """The weights must have the shapes of the architecture they are exported as: an export under the
     wrong --config would write a folder that fails to load, or loads and computes something else."""
-    from largemim.objectives.ema import RUN_STATE
+    from largemim.objectives.ema import is_run_state
 
     try:
         want = {k: tuple(v.shape) for k, v in arch.build("meta").state_dict().items()}
     except Exception as e:  # noqa: BLE001 - e.g. a BEiT whose tokenizer file is not here: nothing to check against
         log.warning("could not build %s to check the weights' shapes against (%s)", arch.model.size, e)
         return
-    have = {k: tuple(v.shape) for k, v in sd.items() if k.rsplit(".", 1)[-1] not in RUN_STATE}
+    have = {k: tuple(v.shape) for k, v in sd.items() if not is_run_state(k)}
     extra = sorted(set(have) - set(want))
     bad = [f"{k} {have[k]} vs {want[k]}" for k in have.keys() & want.keys() if have[k] != want[k]]
     if extra or bad:

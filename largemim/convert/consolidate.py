@@ -27,7 +27,7 @@ import torch
 from largemim.checkpoint import MARKER, TAG_RE, complete_checkpoints, read_marker
 from largemim.convert.arch import MIMArch
 from largemim.convert.safe_load import check_files, load_torch
-from largemim.objectives.ema import RUN_STATE
+from largemim.objectives.ema import is_run_state
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def consolidate(path: str | Path, trust_pickle: bool = False) -> tuple[dict[str,
     # Run-local training state (data2vec's fp32 EMA master: under ZeRO-3 each rank holds its own slice, and
     # rank 0's file has only that slice) is not part of the model: a run initialised from these weights
     # rebuilds it from the teacher.
-    dropped = [k for k in module if k.rsplit(".", 1)[-1] in RUN_STATE]
+    dropped = [k for k in module if is_run_state(k)]
     if dropped:
         log.info("left out run-local training state: %s", ", ".join(dropped))
     # the model's own order; integer buffers (a BEiT tokenizer's id) keep their dtype: fp32 would round them

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from largemim.convert.arch import MIMArch
-from largemim.objectives.ema import RUN_STATE
+from largemim.objectives.ema import is_run_state
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def apply_init_weights(model: nn.Module, weights: InitWeights) -> list[str]:
     """
     own = model.state_dict()
     # an EMA teacher's run-local state (in weight files written before it was left out) is never loaded
-    sd = {k: v for k, v in weights.state_dict.items() if k.rsplit(".", 1)[-1] not in RUN_STATE}
+    sd = {k: v for k, v in weights.state_dict.items() if not is_run_state(k)}
     extra = sorted(set(sd) - set(own))
     bad = [
         f"{k}: {tuple(v.shape)} vs model {tuple(own[k].shape)}"

@@ -31,6 +31,11 @@ from torch import nn
 RUN_STATE = frozenset({"ema_master", "ema_updates"})
 
 
+def is_run_state(name: str) -> bool:
+    """Whether state-dict key ``name`` is one of RUN_STATE (at any depth)."""
+    return name.rsplit(".", 1)[-1] in RUN_STATE
+
+
 def is_partitioned(p: nn.Parameter) -> bool:
     return hasattr(p, "ds_id")
 
