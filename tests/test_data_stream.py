@@ -1,4 +1,9 @@
+import http.server
 import itertools
+import os
+import signal
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -9,6 +14,7 @@ from conftest import demo_samples, write_shards
 
 from largemim.data.augment import TrainAugment
 from largemim.data.fast_decode import FastTrainAugment
+from largemim.data.readers import open_shard
 from largemim.data.sources import count_samples, expand_shards
 from largemim.data.stream import ShardStream, StreamSpec, build_train_loader, check_exact_split
 
@@ -154,11 +160,60 @@ def test_reference_and_fast_decode_draw_the_same_crops(shard_set):
         assert (a.images.float() - b.images.float()).abs().mean() < 0.25
 
 
-def test_pipe_readers_survive_the_stop_signals(shard_set):
-    """Slurm signals every process before a time limit: a worker's pipe: reader that gets SIGUSR1/SIGUSR2
-    must go on reading (a killed reader would cut its shard short), as the worker ignores them."""
+@pytest.mark.parametrize("workers", [0, 1])
+def test_pipe_readers_survive_the_stop_signals(shard_set, workers):
+    """Slurm signals every process of the step: the time-limit warning (USR1/USR2) and, on scancel or
+    preemption, SIGTERM. A pipe: reader that gets one must go on reading (a killed reader would cut its
+    shard short), whether a loader worker or the rank itself (data.workers=0) started it."""
     urls = expand_shards(shard_set)
-    signalled = [f"pipe:kill -USR1 $$; kill -USR2 $$; cat {u}" for u in urls]
-    plain, piped = take(urls, 6, workers=1), take(signalled, 6, workers=1)
+    signalled = [f"pipe:kill -USR1 $$; kill -USR2 $$; kill -TERM $$; cat {u}" for u in urls]
+    plain, piped = take(urls, 6, workers=workers), take(signalled, 6, workers=workers)
     assert all(torch.equal(a.images, b.images) for a, b in zip(plain, piped, strict=True))
     assert sum(b.skipped for b in piped) == 0
+
+
+def test_a_failing_pipe_reader_is_reported_not_silently_short(tmp_path, shard_set):
+    """The shield must not hide a reader's real failure: a non-zero exit is a counted, named error."""
+    url = expand_shards(shard_set)[0]
+    stream = ShardStream(spec([f"pipe:cat {url}; exit 7"], world=1, sampling="resampled"), AUG)
+    list(itertools.islice(stream._samples_of(iter([f"pipe:cat {url}; exit 7"])), 1000))
+    assert stream._errors.count == 1
+
+
+def test_http_shards_stream_through_a_shielded_curl(shard_set):
+    """http(s) URLs are read with curl, started with the stop signals ignored: a signalled curl still
+    delivers the whole shard, and the batches equal those read from disk."""
+    urls = expand_shards(shard_set)
+    root = Path(urls[0]).parent
+
+    class SlowHandler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def do_GET(self):  # noqa: N802 - the http.server hook's name
+            time.sleep(0.3)  # keep curl alive long enough to be signalled
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        web = [f"http://127.0.0.1:{server.server_port}/{Path(u).name}" for u in urls]
+        reader = open_shard(web[0])
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+            os.kill(reader.proc.pid, sig)
+        assert reader.read() == Path(urls[0]).read_bytes()
+        reader.close()
+        plain, fetched = take(urls, 4, world=1), take(web, 4, world=1)
+        assert all(torch.equal(a.images, b.images) for a, b in zip(plain, fetched, strict=True))
+        assert sum(b.skipped for b in fetched) == 0
+    finally:
+        server.shutdown()
+
+
+def test_an_unreadable_url_scheme_is_refused_with_the_pipe_form():
+    with pytest.raises(ValueError, match=r"s3://.*pipe:aws s3 cp s3://b/train-0\.tar -"):
+        expand_shards("s3://b/train-{0..3}.tar")
+    assert len(expand_shards("https://host/train-{0..3}.tar")) == 4

@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import braceexpand
+from webdataset.gopen import gopen_schemes
 
 from largemim.data.manifest import MANIFEST_NAME, Manifest
+
+# Schemes webdataset's gopen reads (http(s) with curl, gs with gsutil, ...), and file://.
+_READABLE_SCHEMES = (set(gopen_schemes) - {"__default__"}) | {"file"}
 
 
 def split_sets(pattern: str) -> list[str]:
@@ -24,6 +28,13 @@ def expand_shards(pattern: str) -> list[str]:
     urls = [u for part in split_sets(pattern) for u in braceexpand.braceexpand(part)]
     if not urls:
         raise ValueError(f"shard pattern {pattern!r} expands to no shard")
+    for url in urls:
+        scheme = url.split("://", 1)[0] if "://" in url and not url.startswith("pipe:") else None
+        if scheme is not None and scheme not in _READABLE_SCHEMES:
+            raise ValueError(
+                f"data.shards: {url!r} has a scheme ({scheme}://) that cannot be read directly; stream it "
+                f"through a command instead, e.g. 'pipe:aws s3 cp {url} -' for s3://"
+            )
     local = [u for u in urls if is_local(u)]
     missing = [u for u in local if not Path(u).is_file()]
     if missing:

@@ -45,10 +45,10 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
 
 from largemim.data.augment import TrainAugment, image_bytes
 from largemim.data.device_decode import EncodedImages
+from largemim.data.readers import open_shard
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class ShardStream(IterableDataset):
                 continue
             for attempt in range(1, self.spec.open_retries + 1):
                 try:
-                    yield {"url": url, "stream": gopen(url)}
+                    yield {"url": url, "stream": open_shard(url)}
                     break
                 except Exception as exn:  # noqa: BLE001 - any failure to open is retried, then skipped
                     if attempt < self.spec.open_retries:
@@ -287,9 +287,8 @@ def build_train_loader(spec: StreamSpec, augment: TrainAugment, workers: int, st
 
 def _ignore_stop_signals(worker_id: int) -> None:
     """Slurm signals every process of a job step before its time limit (``--signal``, USR1/USR2). A worker
-    leaves the stop to its rank, and so must the readers it starts for ``pipe:`` and ``http(s)`` shards
-    (curl, aws): ignored signals stay ignored in a child, where a Python handler would not, and a killed
-    reader would cut the shard short. SIGTERM is left alone: it is how a DataLoader (and multiprocessing
-    at exit) ends a worker that does not stop by itself, and ignoring it hangs the process at exit."""
+    leaves the stop to its rank (the readers it starts shield themselves: :mod:`largemim.data.readers`).
+    SIGTERM is left alone: it is how a DataLoader (and multiprocessing at exit) ends a worker that does
+    not stop by itself, and ignoring it hangs the process at exit."""
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
