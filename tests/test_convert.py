@@ -240,6 +240,21 @@ def test_file_needing_full_unpickle_is_refused_without_trust(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_weights_missing_what_the_architecture_is_read_from_are_a_named_error(tmp_path, capsys):
+    """A partial or foreign state dict is a message naming the missing tensors, not a KeyError traceback."""
+    from safetensors.torch import save_file
+
+    partial = {"decoder_embed.weight": torch.zeros(16, 8), "mask_token": torch.zeros(1, 1, 16)}  # decoder only
+    save_file(partial, tmp_path / "partial.safetensors")
+    assert _cli()(["import", str(tmp_path / "partial.safetensors"), str(tmp_path / "o.safetensors")]) == 2
+    assert "lack encoder.patch_embed.proj.weight" in capsys.readouterr().err
+    timm_like = {"cls_token": torch.zeros(1, 1, 8), "patch_embed.proj.weight": torch.zeros(8, 3, 4, 4)}
+    save_file(timm_like, tmp_path / "nopos.safetensors")
+    assert _cli()(["import", str(tmp_path / "nopos.safetensors"), str(tmp_path / "o.safetensors")]) == 2
+    assert "no pos_embed" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Real DeepSpeed checkpoints (one torchrun launch for the module).
 

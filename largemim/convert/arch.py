@@ -101,6 +101,15 @@ def infer_arch(
     width 512 gets the reference MAE's 16 heads; other decoder widths need ``decoder_heads``.
     """
     sd = state_dict
+    needed = ("encoder.patch_embed.proj.weight", "encoder.blocks.0.mlp.fc1.weight", "encoder.pos_embed")
+    missing = [k for k in needed if k not in sd]
+    if missing:
+        sample = ", ".join(sorted(sd)[:4]) or "none"
+        raise ValueError(
+            f"cannot infer the architecture: the weights lack {', '.join(missing)} (largemim MAE names); "
+            f"their first keys are: {sample}. Is this the file you meant? (largemim reads its own checkpoints "
+            "and weights, the reference MAE's, timm ViTs and Hugging Face ViTMAE)"
+        )
     w = sd["encoder.patch_embed.proj.weight"]
     width, in_chans, patch = w.shape[0], w.shape[1], w.shape[2]
     depth = len({k.split(".")[2] for k in sd if k.startswith("encoder.blocks.")})

@@ -133,6 +133,9 @@ def from_timm(
                          f"q/k norm, pre-norm, attention pooling): {unsupported[:6]}")  # fmt: skip
     if "cls_token" not in sd:
         raise ValueError("no cls_token: largemim's encoder needs a class-token ViT")
+    if "pos_embed" not in sd or "patch_embed.proj.weight" not in sd:
+        raise ValueError("no pos_embed or patch_embed.proj.weight: largemim's encoder needs a ViT with learned "
+                         "or fixed absolute position embeddings and a convolutional patch embedding")  # fmt: skip
     num_patch_pos = sd["pos_embed"].shape[1] - 1
     if round(num_patch_pos**0.5) ** 2 != num_patch_pos and round((num_patch_pos + 1) ** 0.5) ** 2 == num_patch_pos + 1:
         raise ValueError("pos_embed has no slot for the class token (timm no_embed_class=True); largemim's "
