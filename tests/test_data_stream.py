@@ -2,6 +2,8 @@ import http.server
 import itertools
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -217,3 +219,39 @@ def test_an_unreadable_url_scheme_is_refused_with_the_pipe_form():
     with pytest.raises(ValueError, match=r"s3://.*pipe:aws s3 cp s3://b/train-0\.tar -"):
         expand_shards("s3://b/train-{0..3}.tar")
     assert len(expand_shards("https://host/train-{0..3}.tar")) == 4
+
+
+SIGTERM_FROM_SLURM = """
+import itertools, subprocess, sys, time
+import psutil, torch
+from largemim.data.fast_decode import FastTrainAugment
+from largemim.data.sources import expand_shards
+from largemim.data.stream import StreamSpec, build_train_loader
+
+urls = tuple(expand_shards(sys.argv[1]))
+spec = StreamSpec((urls,), 8, 7, 0, 1, 3, 40, "exact", (), 3, 2)  # 2 lanes: any worker count
+aug = FastTrainAugment(16, (0.2, 1.0))
+reference = list(itertools.islice(iter(build_train_loader(spec, aug, 0, 0, pin=False)), 6))
+batches = iter(build_train_loader(spec, aug, 2, 0, pin=False))
+got = [next(batches) for _ in range(2)]
+workers = psutil.Process().children()
+assert len(workers) == 2, workers
+for w in workers:  # from another process, as slurmstepd (or a launcher killing the tree) sends it
+    subprocess.run(["kill", "-TERM", str(w.pid)], check=True)
+time.sleep(1.0)
+assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers), "a worker died of SIGTERM"
+got += [next(batches) for _ in range(4)]
+assert all(torch.equal(a.images, b.images) for a, b in zip(reference, got, strict=True))
+del batches  # the rank ends its workers itself (its own SIGTERM, if they linger): no hang at exit
+print("ok")
+"""
+
+
+def test_loader_workers_survive_a_sigterm_sent_to_the_whole_step(shard_set):
+    """scancel and preemption SIGTERM every process of the step. The workers must live on (torch's handler
+    would die of it, and the rank would raise 'DataLoader worker exited unexpectedly' mid-save), the
+    stream must go on unchanged, and the rank must still end its workers at exit."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_FROM_SLURM, shard_set], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
 import signal
@@ -12,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 from conftest import REPO, TINY, demo_samples, read_metrics, run_trainer, trainer_cmd, trainer_env, write_shards
 from PIL import Image
@@ -186,12 +186,13 @@ def test_stop_on_signal_then_resume_matches_uninterrupted_run(tmp_path, shard_se
         if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 4:
             break
         time.sleep(0.05)
-    # Signal the ranks, as SLURM signals every task of a step (torchrun itself would turn a signal into
-    # its own exit code 1 after forwarding it).
-    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert len(ranks) == 2
-    for pid in ranks:
-        os.kill(int(pid), signal.SIGTERM)
+    # Signal the ranks and their loader workers, as scancel or a preemption signals every process of a
+    # step (torchrun itself would turn a signal into its own exit code 1 after forwarding it).
+    ranks = psutil.Process(proc.pid).children()
+    workers = [w for r in ranks for w in r.children()]
+    assert len(ranks) == 2 and len(workers) == 4, (ranks, workers)
+    for p in ranks + workers:
+        p.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out[-4000:]
     stopped = read_metrics(run)

@@ -34,9 +34,12 @@ a truncated tar is read up to the damage; an undecodable member is skipped and c
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import random
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -281,14 +284,31 @@ def build_train_loader(spec: StreamSpec, augment: TrainAugment, workers: int, st
         pin_memory=pin,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
+        worker_init_fn=functools.partial(_worker_signals, os.getpid()) if workers > 0 else None,
     )
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Slurm signals every process of a job step before its time limit (``--signal``, USR1/USR2). A worker
-    leaves the stop to its rank (the readers it starts shield themselves: :mod:`largemim.data.readers`).
-    SIGTERM is left alone: it is how a DataLoader (and multiprocessing at exit) ends a worker that does
-    not stop by itself, and ignoring it hangs the process at exit."""
+def _worker_signals(rank_pid: int, worker_id: int) -> None:
+    """Slurm signals every process of a job step: the time-limit warning (``--signal``, USR1/USR2) and,
+    on ``scancel``, preemption or the hard limit, SIGTERM. A worker leaves the stop to its rank (and the
+    readers it starts shield themselves: :mod:`largemim.data.readers`).
+
+    USR1/USR2 are ignored. SIGTERM is how the DataLoader, and multiprocessing at exit, end a worker that
+    does not stop by itself, so it cannot simply be ignored (that hangs the rank's exit); torch's own
+    handler exits quietly when the rank sent it but dies of any other sender's, and the rank's SIGCHLD
+    handler then raises "DataLoader worker exited unexpectedly" in the middle of the step or the save it
+    was about to make. So SIGTERM is blocked here and a thread takes it: from the rank (or the worker's
+    parent), exit as torch does; from anyone else (Slurm, a launcher killing the process tree), ignore it:
+    the worker ends with its rank, who saves first."""
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+    senders = {rank_pid, os.getppid()}
+    threading.Thread(target=_take_sigterm, args=(senders,), name="largemim-sigterm", daemon=True).start()
+
+
+def _take_sigterm(senders: set[int]) -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid in senders:
+            os._exit(0)  # as torch's worker handler does: the rank is ending this worker
