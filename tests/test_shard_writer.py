@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -13,12 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import demo_samples
+from conftest import write_shards as write_test_shards
 from PIL import Image
 
 from largemim.data import augment
 from largemim.data.manifest import Manifest
 from largemim.data.shard_writer import (
     IMAGE_KEYS,
+    Member,
+    SourceSample,
     WriteOptions,
     plan_shards,
     scan_folder,
@@ -75,6 +80,16 @@ def read_samples(folder: Path) -> list[dict]:
 
 def shard_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))}
+
+
+class DyingMember(Member):
+    """Reads like a plain file, but kills its worker process outright (as the OOM killer would) while
+    ``LARGEMIM_TEST_KILL_BELOW`` holds the pid of the test process; picklable, being defined at module level."""
+
+    def read(self, open_tars: dict) -> bytes:
+        if os.environ.get("LARGEMIM_TEST_KILL_BELOW", str(os.getpid())) != str(os.getpid()):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().read(open_tars)
 
 
 def test_image_keys_match_the_decoder():
@@ -270,3 +285,51 @@ def test_cli(image_folder: Path, tmp_path: Path):
     assert [s.samples for s in Manifest.load(tmp_path / "cli").shards] == [10, 10, 3]
     again = subprocess.run(cmd + ["--seed", "5", "--no-progress"], capture_output=True, text=True, timeout=120)
     assert again.returncode != 0 and "--overwrite" in again.stderr
+
+
+def test_resharding_into_the_source_folder_is_refused(tmp_path: Path):
+    """Re-sharding a folder into itself under the same prefix would unlink or replace the very tars being read."""
+    folder = tmp_path / "wds"
+    write_test_shards(folder, demo_samples("train", 60), [20, 20, 20], prefix="shard")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    cmd = [sys.executable, str(REPO / "tools" / "make_shards.py"), "--tars", str(folder), "--out", str(folder)]
+    cmd += ["--samples-per-shard", "25", "--workers", "1", "--no-progress"]
+    for extra in (["--overwrite"], []):
+        run = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=120)
+        assert run.returncode != 0
+        assert "shard-000000.tar" in run.stderr and "another folder" in run.stderr, run.stderr
+        assert "--overwrite" not in run.stderr, "the fix is another folder, never --overwrite"
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before, "the source shards must be intact"
+
+    # Without a manifest naming them, another prefix in the same folder is also a way out, and the message says so.
+    (folder / "manifest.json").unlink()
+    source = scan_tars(sorted(folder.glob("*.tar")))
+    with pytest.raises(ValueError, match="another --prefix"):
+        write_shards(source, folder, WriteOptions(samples_per_shard=25), overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in folder.glob("*.tar")} == {n: b for n, b in before.items() if ".tar" in n}
+    manifest = write_shards(source, folder, WriteOptions(prefix="v2", samples_per_shard=25), progress=False)
+    assert [s.samples for s in manifest.shards] == [25, 25, 10]
+
+
+def test_a_killed_worker_is_an_error_and_the_rerun_resumes(image_folder: Path, tmp_path: Path, monkeypatch):
+    source = scan_folder(image_folder)
+    options = WriteOptions(samples_per_shard=4, seed=None, workers=2)  # unshuffled: sample 13 is in shard 3
+    reference = tmp_path / "reference"
+    write_shards(source, reference, options, progress=False)
+
+    member = source.samples[13].members[0]
+    dying = DyingMember(member.ext, member.path, member.size, member.offset)  # same fields, same plan
+    source.samples[13] = SourceSample((dying,), source.samples[13].label)
+    out = tmp_path / "out"
+    monkeypatch.setenv("LARGEMIM_TEST_KILL_BELOW", str(os.getpid()))
+    with pytest.raises(RuntimeError, match="worker process died.*fewer --workers.*resumes"):
+        write_shards(source, out, options, progress=False)  # before the fix: waits forever
+    assert not (out / "manifest.json").exists()
+    finished = {p.name: p.stat().st_ino for p in out.glob("*.tar")}
+    assert "shard-000003.tar" not in finished
+
+    monkeypatch.delenv("LARGEMIM_TEST_KILL_BELOW")
+    write_shards(source, out, options, progress=False)
+    assert {n: (out / n).stat().st_ino for n in finished} == finished, "finished shards must be kept"
+    assert shard_bytes(out) == shard_bytes(reference)
+    assert not list(out.glob("*.tmp"))

@@ -10,7 +10,8 @@ Sources (one of):
 
 The samples are shuffled with --seed, then cut into shards of --samples-per-shard samples and/or
 --shard-mb MB. Image bytes are copied as they are unless --resize-long-side is given. Running the same
-command again after an interruption keeps the finished shards and writes the rest.
+command again after an interruption keeps the finished shards and writes the rest. Re-sharding --tars
+writes to another folder (or prefix): the inputs are never replaced.
 
 Example:
   tools/make_shards.py --folder /data/imagenet/train --out /data/imagenet-wds/train --prefix train \\
@@ -26,7 +27,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from largemim.data.shard_writer import WriteOptions, scan_folder, scan_list, scan_tars, write_shards  # noqa: E402
+from largemim.data.shard_writer import (  # noqa: E402
+    WorkerDiedError,
+    WriteOptions,
+    scan_folder,
+    scan_list,
+    scan_tars,
+    write_shards,
+)
 from largemim.data.sources import expand_shards  # noqa: E402
 
 
@@ -55,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resize-long-side", type=int, default=None, help="scale larger images down to this long side")
     ap.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded (resized) images")
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="writer processes")
-    ap.add_argument("--overwrite", action="store_true", help="replace PREFIX-*.tar written from another plan")
+    ap.add_argument("--overwrite", action="store_true", help="replace PREFIX-*.tar of another plan (not inputs)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -78,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         manifest = write_shards(source, args.out, options, overwrite=args.overwrite, progress=not args.no_progress)
-    except (FileExistsError, ValueError) as exn:
+    except (FileExistsError, ValueError, WorkerDiedError) as exn:
         raise SystemExit(f"error: {exn}") from None
     print(f"{args.out}: {len(manifest.shards)} shards, {manifest.total_samples} samples")
 

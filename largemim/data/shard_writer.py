@@ -25,7 +25,9 @@ import os
 import random
 import re
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -378,10 +380,35 @@ def shard_keys(path: str | os.PathLike) -> list[str] | None:
 # -- the whole write
 
 
-def _check_out_folder(out: Path, options: WriteOptions, fingerprint: str, overwrite: bool) -> None:
-    """Refuse to mix two shard sets in one folder, or to resume a write planned differently."""
+def _inputs_among_outputs(source: Source, out: Path, ours: re.Pattern) -> list[str]:
+    """Input files that are also ``PREFIX-NNNNNN.tar`` files of ``out``, which a write unlinks or replaces.
+
+    Names are compared first (cheap, once per input file); only a match has its folder resolved. Tar
+    inputs are already resolved by :func:`scan_tars`, and image inputs never match a ``.tar`` name.
+    """
+    real_out = os.path.realpath(out)
+    paths = {m.path for sample in source.samples for m in sample.members}
+    hits = [p for p in paths if ours.match(os.path.basename(p))]
+    return sorted(p for p in hits if os.path.realpath(os.path.dirname(p)) == real_out)
+
+
+def _check_out_folder(source: Source, out: Path, options: WriteOptions, fingerprint: str, overwrite: bool) -> None:
+    """Refuse to destroy the inputs, to mix two shard sets in one folder, or to resume a write planned differently.
+
+    Runs before anything in ``out`` is written, unlinked or replaced.
+    """
     plan_file = out / f"{options.prefix}-plan.json"
     ours = re.compile(rf"^{re.escape(options.prefix)}-\d{{6}}\.tar(\.tmp)?$")
+    clash = _inputs_among_outputs(source, out, ours)
+    if clash:
+        # Each shard is written to .tmp and renamed over PREFIX-NNNNNN.tar (and --overwrite unlinks them all
+        # first), so a source read from those names would be destroyed while it is still being read.
+        other_prefix = "" if (out / MANIFEST_NAME).is_file() else f", or use another --prefix than {options.prefix!r}"
+        raise ValueError(
+            f"the input includes {len(clash)} file(s) named like the output shards in {out} "
+            f"({Path(clash[0]).name}, ...): writing {options.prefix}-*.tar there would delete or replace them while "
+            f"they are read; write the new shards to another folder (--out){other_prefix}"
+        )
     existing = sorted(p for p in out.iterdir() if ours.match(p.name))
     if (out / MANIFEST_NAME).is_file():
         try:
@@ -408,6 +435,40 @@ def _check_out_folder(out: Path, options: WriteOptions, fingerprint: str, overwr
     plan_file.unlink(missing_ok=True)
 
 
+class WorkerDiedError(RuntimeError):
+    """A shard-writing process was killed; what was finished is kept for the rerun to resume from."""
+
+
+def _write_in_workers(
+    jobs: list[tuple[ShardPlan, str, WriteOptions]], workers: int, show: Callable[[int], None]
+) -> None:
+    """Write the shards in ``workers`` processes, one whole shard per task; ``show`` gets the samples written so far.
+
+    A process pool (not ``multiprocessing.Pool``) because a worker that dies (OOM killer, a segfault in a
+    decoder) breaks it and fails every pending task at once, where ``Pool`` replaces the worker and waits
+    forever for the lost task. As before, a worker's own error is raised once every shard has been tried,
+    so the finished shards stay for the next run to keep.
+    """
+    ticks = _Ticks(shared=mp.Value("q", 0))
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(ticks,))
+    try:
+        futures = [pool.submit(_write_shard, job) for job in jobs]
+        pending = set(futures)
+        while pending:
+            _, pending = wait(pending, timeout=0.5)
+            show(ticks.shared.value)
+        for future in futures:  # the first error in shard order
+            future.result()
+    except BrokenProcessPool as exn:
+        raise WorkerDiedError(
+            "a shard-writing worker process died (killed by a signal, most likely the out-of-memory killer) "
+            f"with {workers} workers; run again with fewer --workers (or a smaller --resize-long-side). The "
+            "shards finished so far are kept and the same command resumes from them"
+        ) from exn
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # also on Ctrl-C: no new shard starts
+
+
 def write_shards(
     source: Source, out: str | os.PathLike, options: WriteOptions, *, overwrite: bool = False, progress: bool = True
 ) -> Manifest:
@@ -416,7 +477,7 @@ def write_shards(
     out.mkdir(parents=True, exist_ok=True)
     shards = plan_shards(source.samples, options)
     fingerprint = plan_fingerprint(shards, options)
-    _check_out_folder(out, options, fingerprint, overwrite)
+    _check_out_folder(source, out, options, fingerprint, overwrite)
     body = {"fingerprint": fingerprint, "shards": len(shards), "samples": len(source.samples)}
     (out / f"{options.prefix}-plan.json").write_text(json.dumps(body, indent=1))
 
@@ -445,14 +506,7 @@ def write_shards(
             finally:
                 _init_worker(_Ticks())
         else:
-            ticks = _Ticks(shared=mp.Value("q", 0))
-            with mp.Pool(min(options.workers, len(jobs)), initializer=_init_worker, initargs=(ticks,)) as pool:
-                result = pool.map_async(_write_shard, jobs, chunksize=1)  # one whole shard per task
-                while not result.ready():
-                    result.wait(0.5)
-                    bar.update(done_samples + ticks.shared.value - bar.n)
-                result.get()  # re-raises a worker's error; finished shards stay for the next run to keep
-                bar.update(done_samples + ticks.shared.value - bar.n)
+            _write_in_workers(jobs, min(options.workers, len(jobs)), lambda n: bar.update(done_samples + n - bar.n))
     finally:
         bar.close()
 
