@@ -15,7 +15,7 @@ from largemim.config import Config, ConfigError, make_plan, save_resolved
 from largemim.data.augment import Normalise, TrainAugment
 from largemim.data.device_decode import DeviceDecodeAugment, EncodedImages
 from largemim.data.fast_decode import FastTrainAugment
-from largemim.data.sources import count_samples, expand_shards, split_sets
+from largemim.data.sources import count_samples, expand_shards, manifest_counts, split_sets
 from largemim.data.stream import StreamSpec, build_train_loader, check_exact_split
 from largemim.distributed import DistEnv
 from largemim.engine import build_engine, build_model, load_ds_json, reapply_optim_config
@@ -181,6 +181,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
     spec = StreamSpec(
         tuple(tuple(s) for s in sets), cfg.train.micro_batch, plan.micro_batches_per_epoch, env.rank,
         env.world_size, cfg.run.seed, d.shuffle_buffer, d.sampling, tuple(d.weights), d.open_retries, d.lanes,
+        manifest_counts(urls),
     )  # fmt: skip
     loader = iter(build_train_loader(spec, augment, cfg.data.workers, start * ga, env.device.type == "cuda"))
     stopper = StopOnSignal(list(cfg.checkpoint.stop_signals), env.device)

@@ -4,9 +4,11 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from conftest import demo_samples, write_shards
 from largemim.data.augment import TrainAugment
 from largemim.data.fast_decode import FastTrainAugment
 from largemim.data.readers import open_shard
-from largemim.data.sources import count_samples, expand_shards
+from largemim.data.sources import count_samples, expand_shards, manifest_counts
 from largemim.data.stream import ShardStream, StreamSpec, build_train_loader, check_exact_split
 
 AUG = FastTrainAugment(16, (0.2, 1.0))
@@ -174,12 +176,49 @@ def test_pipe_readers_survive_the_stop_signals(shard_set, workers):
     assert sum(b.skipped for b in piped) == 0
 
 
-def test_a_failing_pipe_reader_is_reported_not_silently_short(tmp_path, shard_set):
-    """The shield must not hide a reader's real failure: a non-zero exit is a counted, named error."""
+def test_a_failing_pipe_reader_is_reported_not_silently_short(shard_set):
+    """The shield must not hide a reader's real failure: a non-zero exit is one counted, named error, and
+    the samples it sent are kept."""
     url = expand_shards(shard_set)[0]
-    stream = ShardStream(spec([f"pipe:cat {url}; exit 7"], world=1, sampling="resampled"), AUG)
-    list(itertools.islice(stream._samples_of(iter([f"pipe:cat {url}; exit 7"])), 1000))
+    whole = len(list(ShardStream(spec([url], world=1), AUG)._samples_of(iter([url]))))
+    bad = f"pipe:cat {url}; exit 7"
+    stream = ShardStream(spec([bad], world=1, sampling="resampled", retries=1), AUG)
+    assert len(list(stream._samples_of(iter([bad])))) == whole == 200
     assert stream._errors.count == 1
+
+
+def test_a_reader_that_breaks_off_is_restarted_where_it_stopped(shard_set, tmp_path):
+    """A transient failure in the middle of a shard (a dropped connection) restarts the reader and skips
+    what it had already sent: the stream is the same as an unbroken read, and nothing is counted."""
+    urls = expand_shards(shard_set)
+    flaky = [
+        f"pipe:if [ -e {tmp_path}/{i} ]; then cat {u}; else touch {tmp_path}/{i}; head -c 30000 {u}; exit 1; fi"
+        for i, u in enumerate(urls)
+    ]
+    plain, broken = take(urls, 8, world=1), take(flaky, 8, world=1)
+    assert all(torch.equal(a.images, b.images) for a, b in zip(plain, broken, strict=True))
+    assert sum(b.skipped for b in broken) == 0
+    assert len(list(tmp_path.iterdir())) >= 2  # readers did break
+
+
+@pytest.mark.parametrize("damage", ["zero-filled tail", "cut at a member boundary"])
+def test_a_shard_shorter_than_its_manifest_is_counted_as_truncated(tmp_path, damage, caplog):
+    """A crash before the data reached the disk leaves zeros (which tar reads as its end); a copy cut
+    between members ends cleanly too. The manifest's count tells, and the missing samples are counted."""
+    pattern = write_shards(tmp_path / "s", demo_samples("train", 30), [30])
+    url = expand_shards(pattern)[0]
+    data = Path(url).read_bytes()
+    with tarfile.open(url) as tar:  # where the 11th sample's first member starts
+        keys = [m.name.split(".")[0] for m in tar.getmembers()]
+        boundary = tar.getmembers()[keys.index(sorted(set(keys), key=keys.index)[10])].offset
+    damaged = data[:boundary] + bytes(len(data) - boundary) if damage == "zero-filled tail" else data[:boundary]
+    Path(url).write_bytes(damaged)
+    expected = manifest_counts([url])
+    assert expected == {url: 30}
+    stream = ShardStream(replace(spec([url], world=1), expected=expected), AUG)
+    assert len(list(stream._samples_of(iter([url])))) == 10
+    assert stream._errors.count == 20
+    assert "ends after 10 of the 30 samples its manifest lists" in caplog.text
 
 
 def test_http_shards_stream_through_a_shielded_curl(shard_set):
@@ -206,8 +245,8 @@ def test_http_shards_stream_through_a_shielded_curl(shard_set):
         reader = open_shard(web[0])
         for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
             os.kill(reader.proc.pid, sig)
-        assert reader.read() == Path(urls[0]).read_bytes()
-        reader.close()
+        assert reader.stream.read() == Path(urls[0]).read_bytes()
+        reader.finish()  # exit status 0
         plain, fetched = take(urls, 4, world=1), take(web, 4, world=1)
         assert all(torch.equal(a.images, b.images) for a, b in zip(plain, fetched, strict=True))
         assert sum(b.skipped for b in fetched) == 0

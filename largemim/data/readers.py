@@ -10,10 +10,12 @@ it again); a reader still ends when its rank closes the pipe (SIGPIPE) or Slurm 
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import subprocess
 from typing import IO
 
-from webdataset.gopen import Pipe, gopen
+from webdataset.gopen import gopen
 
 # Signals the rank handles itself (checkpoint.stop_signals and the requeue warning).
 SHIELDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
@@ -27,13 +29,38 @@ def _shield() -> None:
         _set(sig, _IGNORE)
 
 
-def open_shard(url: str, bufsize: int = 1 << 16) -> IO[bytes]:
-    """A readable byte stream of the shard; a non-zero exit of a reader raises when the stream ends."""
+class ShardReader:
+    """A shard's byte stream, and the process that produces it (none for a local file)."""
+
+    def __init__(self, stream: IO[bytes], proc: subprocess.Popen | None = None):
+        self.stream, self.proc = stream, proc
+
+    def finish(self) -> None:
+        """Read to the end (the tar's padding) and close; raises if the reader exited non-zero, which
+        may have cut the shard short. Only here: a status check while reading would drop a chunk."""
+        while self.stream.read(1 << 16):
+            pass
+        self.stream.close()
+        if self.proc is not None and self.proc.wait() != 0:
+            raise OSError(f"the reader exited with status {self.proc.returncode}")
+
+    def abandon(self) -> None:
+        """Close a stream that is not read to its end; its reader is killed, not waited for long."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        with contextlib.suppress(Exception):
+            self.stream.close()
+        if self.proc is not None:
+            self.proc.wait()
+
+
+def open_shard(url: str, bufsize: int = 1 << 16) -> ShardReader:
+    """Open a shard for reading; a reader process's exit status is checked by :meth:`ShardReader.finish`."""
     if url.startswith("pipe:"):
-        # 141: the reader got SIGPIPE because the rank stopped reading early; not an error.
-        return Pipe(url[5:], mode="rb", shell=True, bufsize=bufsize, ignore_status=[141], preexec_fn=_shield)
+        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, bufsize=bufsize, preexec_fn=_shield)
+        return ShardReader(proc.stdout, proc)
     if url.startswith(("http://", "https://")):
         command = ["curl", "--connect-timeout", "30", "--retry", "30", "--retry-delay", "2", "-f", "-s", "-L", url]
-        # 23: curl's write error when the rank stopped reading early.
-        return Pipe(command, mode="rb", bufsize=bufsize, ignore_status=[141, 23], preexec_fn=_shield)
-    return gopen(url)
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, bufsize=bufsize, preexec_fn=_shield)
+        return ShardReader(proc.stdout, proc)
+    return ShardReader(gopen(url))

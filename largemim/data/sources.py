@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import braceexpand
 from webdataset.gopen import gopen_schemes
 
 from largemim.data.manifest import MANIFEST_NAME, Manifest
+
+log = logging.getLogger(__name__)
 
 # Schemes webdataset's gopen reads (http(s) with curl, gs with gsutil, ...), and file://.
 _READABLE_SCHEMES = (set(gopen_schemes) - {"__default__"}) | {"file"}
@@ -45,20 +48,35 @@ def expand_shards(pattern: str) -> list[str]:
     return urls
 
 
+def manifest_counts(urls: list[str], strict: bool = False) -> dict[str, int]:
+    """Samples per shard, for the local shards whose folder's manifest lists them. ``strict``: a folder
+    without a readable manifest is an error (else its shards are left out)."""
+    counts: dict[str, int] = {}
+    for folder in sorted({str(Path(u).parent) for u in urls if is_local(u)}):
+        path = Path(folder) / MANIFEST_NAME
+        try:
+            manifest = Manifest.load(path)
+        except (OSError, ValueError) as e:
+            if strict:
+                raise
+            if path.exists():
+                log.warning("ignoring %s: %s", path, e)
+            continue
+        for s in manifest.shards:
+            counts[str(Path(folder) / s.url)] = s.samples
+    return {u: counts[str(Path(u))] for u in urls if is_local(u) and str(Path(u)) in counts}
+
+
 def count_samples(urls: list[str]) -> int:
     """Samples in ``urls`` according to the manifest(s) in their folders; raises if one is missing."""
     remote = [u for u in urls if not is_local(u)]
     if remote:
         raise ValueError(f"cannot count the samples of remote shards such as {remote[0]!r}: set data.num_samples")
-    by_name: dict[str, int] = {}
-    for folder in sorted({str(Path(u).parent) for u in urls}):
-        manifest = Manifest.load(Path(folder) / MANIFEST_NAME)
-        for s in manifest.shards:
-            by_name[str(Path(folder) / s.url)] = s.samples
-    unknown = [u for u in urls if str(Path(u)) not in by_name]
+    counts = manifest_counts(urls, strict=True)
+    unknown = [u for u in urls if u not in counts]
     if unknown:
         raise ValueError(
             f"shard {unknown[0]!r} is not in its folder's {MANIFEST_NAME}; rewrite the manifest with "
             "tools/make_shards.py or set data.num_samples"
         )
-    return sum(by_name[str(Path(u))] for u in urls)
+    return sum(counts[u] for u in urls)

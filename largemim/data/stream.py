@@ -28,8 +28,10 @@ lane whose shards run out before its share of batches is full reads them again i
 lane with more samples than its share leaves the rest for the next epoch's deal), so no rank waits for
 another at the end of an epoch (webdataset#188, #303).
 
-A shard that cannot be opened is retried ``open_retries`` times, then skipped with a warning naming it;
-a truncated tar is read up to the damage; an undecodable member is skipped and counted.
+A ``pipe:``/``http`` reader that fails is restarted up to ``open_retries`` times, skipping the samples it
+already gave (the stream stays exact); then the rest of the shard is skipped with a warning naming it.
+A truncated tar is read up to the damage, and a shard shorter than its manifest says is counted as
+truncated; an undecodable member is skipped and counted.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,6 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from largemim.data.augment import TrainAugment, image_bytes
 from largemim.data.device_decode import EncodedImages
 from largemim.data.readers import open_shard
+from largemim.data.sources import is_local
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,7 @@ class StreamSpec:
     weights: tuple[float, ...] = field(default_factory=tuple)  # per set; empty = proportional to shard count
     open_retries: int = 3
     lanes: int = 0  # sample streams per rank; 0 = one per loader worker (a multiple of the workers otherwise)
+    expected: Mapping[str, int] = field(default_factory=dict)  # samples per shard, from the manifests
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -102,15 +106,24 @@ def check_exact_split(num_shards: int, world_size: int, lanes_per_rank: int) -> 
 
 
 class _SkipCounter:
-    """A webdataset handler that skips a broken shard member and counts it."""
+    """Counts the samples skipped as unreadable (a webdataset handler for one broken sample)."""
 
     def __init__(self) -> None:
         self.count = 0
 
     def __call__(self, exn: Exception) -> bool:
-        self.count += 1
-        log.warning("skipping unreadable data: %s", exn)
+        self.add(1, f"skipping unreadable data: {exn}")
         return True
+
+    def add(self, samples: int, message: str) -> None:
+        self.count += samples
+        log.warning("%s", message)
+
+
+def _tagged(files: Iterator[dict], url: str) -> Iterator[dict]:
+    for f in files:
+        f["__url__"] = url
+        yield f
 
 
 @dataclass
@@ -128,7 +141,7 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.spec, self.augment, self.start_batch = spec, augment, start_batch
         self._errors = _SkipCounter()
-        self._dead: set[str] = set()  # URLs that never opened
+        self._dead: set[str] = set()  # URLs that never gave a sample
 
     # -- which shards a (rank, worker) reads in an epoch
     def shards_for(self, epoch: int, lane: int, lanes: int) -> list[str]:
@@ -142,26 +155,55 @@ class ShardStream(IterableDataset):
             mine = [order[slot % len(order)]]
         return mine
 
-    def _open(self, urls: Iterator[str]) -> Iterator[dict]:
-        """Open each URL (a path, or a ``pipe:`` command), retrying; skip it with a warning if it never
-        opens, and from then on without retrying (resampling would draw it again and again)."""
-        for url in urls:
-            if url in self._dead:
-                continue
-            for attempt in range(1, self.spec.open_retries + 1):
-                try:
-                    yield {"url": url, "stream": open_shard(url)}
-                    break
-                except Exception as exn:  # noqa: BLE001 - any failure to open is retried, then skipped
-                    if attempt < self.spec.open_retries:
-                        time.sleep(min(2.0 ** (attempt - 1), 10.0))
-                        continue
-                    self._dead.add(url)
-                    self._errors(OSError(f"shard {url} could not be opened after {attempt} attempts ({exn}); skipped"))
-
     def _samples_of(self, urls: Iterator[str]) -> Iterator[dict]:
-        files = wds.tariterators.tar_file_expander(self._open(urls), handler=self._errors)
-        return wds.tariterators.group_by_keys(files, handler=self._errors)
+        for url in urls:
+            if url not in self._dead:
+                yield from self._shard_samples(url)
+
+    def _shard_samples(self, url: str) -> Iterator[dict]:
+        """The samples of one shard, in order. A failing reader (a ``pipe:`` command or curl that cannot
+        start, exits non-zero or breaks off) is restarted up to ``open_retries`` times, skipping the
+        samples it already gave, so a transient network error changes nothing; a local file is read
+        once. What could not be read is skipped with one warning and counted (the samples the manifest
+        says are missing, else one); a shard that never gave a sample is not tried again."""
+        attempts = 1 if is_local(url) else max(1, self.spec.open_retries)
+        expected = self.spec.expected.get(url)
+        given, error = 0, None
+        for attempt in range(1, attempts + 1):
+            if attempt > 1:
+                time.sleep(min(2.0 ** (attempt - 2), 10.0))
+            reader, read = None, 0
+            try:
+                reader = open_shard(url)
+                files = wds.tariterators.tar_file_iterator(reader.stream, handler=wds.reraise_exception)
+                for sample in wds.tariterators.group_by_keys(_tagged(files, url), handler=wds.reraise_exception):
+                    read += 1
+                    if read > given:
+                        given = read
+                        yield sample
+                reader.finish()  # a reader's exit status, once it has sent everything
+                reader, error = None, None
+                break
+            except Exception as exn:  # noqa: BLE001 - any read failure is retried, then skipped and counted
+                error = exn
+                log.info("shard %s: attempt %d of %d failed after %d samples: %s", url, attempt, attempts, read, exn)
+            finally:
+                if reader is not None:
+                    reader.abandon()  # stopped early (failure, or the lane moved on): end the reader now
+        if error is not None:
+            missing = expected - given if expected is not None and expected > given else 1
+            why = f"after {attempts} attempts" if attempts > 1 else "once"
+            self._errors.add(
+                missing, f"shard {url}: read {given} samples, then failed {why} ({error}); the rest is skipped"
+            )
+            if given == 0:
+                self._dead.add(url)
+        elif expected is not None and given < expected:
+            self._errors.add(
+                expected - given,
+                f"shard {url} ends after {given} of the {expected} samples its manifest lists: the file is "
+                "truncated (rewrite it with tools/make_shards.py)",
+            )
 
     def _shard_order(self, epoch: int, lane: int, lanes: int, set_index: int) -> Iterator[str]:
         """The endless sequence of shards a lane reads in an epoch (from one set, when mixing)."""
