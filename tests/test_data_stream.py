@@ -96,6 +96,16 @@ def test_exact_mode_deals_disjoint_shards_and_no_one_hangs(shard_set):
         assert all(b.images.shape == (8, 3, 16, 16) for b in batches)
 
 
+def test_exact_mode_reads_the_whole_deal_before_reading_any_of_it_again(shard_set):
+    """The shuffle buffer drains at the end of a pass: a lane's first len(deal) samples are each sample of
+    its shards once (a buffer filled across passes let re-reads take the place of unread samples)."""
+    urls = expand_shards(shard_set)
+    stream = ShardStream(spec(urls, world=1), AUG)  # one rank, one lane: the deal is all 640 samples
+    keys = [x["__key__"] for x in itertools.islice(stream._raw_samples(0, 0, 1), 640 + 100)]
+    assert len(set(keys[:640])) == 640
+    assert set(keys[640:]) <= set(keys[:640]) and keys[640:100] != keys[:100]  # the second pass: a new order
+
+
 def test_exact_mode_with_too_few_shards_says_how_many_are_needed():
     check_exact_split(8, 2, 4)
     with pytest.raises(ValueError, match=r"2 ranks x 4 lanes = 8 shards, but the set has 5"):

@@ -19,14 +19,16 @@ Two ways to choose shards (``data.sampling``):
 * ``resampled`` (default): each lane draws shards with replacement from an RNG seeded by (seed, epoch,
   rank, lane); a data epoch is ``data.num_samples`` samples (default: the manifests' total). Several
   ``::``-separated shard sets are mixed per sample with ``data.weights``.
-* ``exact``: each epoch, the shards are shuffled with (seed, epoch) and dealt to ranks, then lanes:
-  every shard is read once per epoch by exactly one lane. Fewer shards than ranks x lanes is an error at
-  start-up (:func:`check_exact_split`).
+* ``exact``: each epoch, the shards are shuffled with (seed, epoch) and dealt to ranks, then lanes; a
+  lane reads its deal once, through the shuffle buffer, before it reads any of it again. Fewer shards
+  than ranks x lanes is an error at start-up (:func:`check_exact_split`).
 
-Either way every rank yields exactly ``micro_batches_per_epoch`` batches per data epoch: in exact mode a
-lane whose shards run out before its share of batches is full reads them again in a new order (and a
-lane with more samples than its share leaves the rest for the next epoch's deal), so no rank waits for
-another at the end of an epoch (webdataset#188, #303).
+Either way every rank yields exactly ``micro_batches_per_epoch`` batches per data epoch, so no rank waits
+for another at the end of an epoch (webdataset#188, #303). In exact mode a lane whose deal runs out before
+its share of batches is full reads it again in a new order, and a lane with more samples than its share
+leaves the rest unread this epoch: each sample is read exactly once per epoch only when every lane is
+dealt the same number of samples (equal-size shards, a multiple of ranks x lanes of them), otherwise
+nearly so.
 
 A ``pipe:``/``http`` reader that fails is restarted up to ``open_retries`` times, skipping the samples it
 already gave (the stream stays exact); then the rest of the shard is skipped with a warning naming it.
@@ -205,19 +207,34 @@ class ShardStream(IterableDataset):
                 "truncated (rewrite it with tools/make_shards.py)",
             )
 
-    def _shard_order(self, epoch: int, lane: int, lanes: int, set_index: int) -> Iterator[str]:
-        """The endless sequence of shards a lane reads in an epoch (from one set, when mixing)."""
+    def _shard_order(self, epoch: int, lane: int, set_index: int) -> Iterator[str]:
+        """Resampled mode: the endless sequence of shards a lane draws in an epoch (from one set, when mixing)."""
         s = self.spec
-        if s.sampling == "resampled":
-            urls = s.sets[set_index]
-            rng = random.Random(f"{s.seed}-resample-{epoch}-{s.rank}-{lane}-{set_index}")
-            while True:
-                yield urls[rng.randrange(len(urls))]
+        urls = s.sets[set_index]
+        rng = random.Random(f"{s.seed}-resample-{epoch}-{s.rank}-{lane}-{set_index}")
+        while True:
+            yield urls[rng.randrange(len(urls))]
+
+    def _exact_samples(self, epoch: int, lane: int, lanes: int) -> Iterator[dict]:
+        """Exact mode: the lane's deal, read in a seeded order and shuffled one pass at a time, then again in
+        a new order if the lane runs short. The buffer drains at the end of each pass, so a re-read sample
+        never takes the place of one not yet read; endless."""
+        s = self.spec
         shards = self.shards_for(epoch, lane, lanes)
-        for cycle in range(1 << 30):  # exact: this lane's deal, re-read in a new order if it runs short
+        for cycle in range(1 << 30):
             order = list(shards)
             random.Random(f"{s.seed}-cycle-{epoch}-{s.rank}-{lane}-{cycle}").shuffle(order)
-            yield from order
+            rng = random.Random(f"{s.seed}-shuffle-{epoch}-{s.rank}-{lane}" + (f"-{cycle}" if cycle else ""))
+            read = 0
+            samples = self._samples_of(iter(order))
+            for sample in wds.filters._shuffle(samples, bufsize=s.shuffle_buffer, initial=s.shuffle_buffer, rng=rng):
+                read += 1
+                yield sample
+            if not read:
+                raise RuntimeError(
+                    f"the {len(order)} shard(s) dealt to this lane gave no readable sample (e.g. {order[0]}); "
+                    "check data.shards"
+                )
 
     def _endless(self, epoch: int, lane: int, lanes: int, set_index: int) -> Iterator[dict]:
         """Samples of the lane's shard sequence; a clear error (never a silent spin) when shard after
@@ -234,14 +251,17 @@ class ShardStream(IterableDataset):
                 empty_in_a_row[0] += 1
                 yield url
 
-        for sample in self._samples_of(counted(self._shard_order(epoch, lane, lanes, set_index))):
+        for sample in self._samples_of(counted(self._shard_order(epoch, lane, set_index))):
             empty_in_a_row[0] = 0
             yield sample
 
     def _raw_samples(self, epoch: int, lane: int, lanes: int) -> Iterator[dict]:
-        """A lane's samples of an epoch, mixed across sets by weight, shuffled; endless."""
+        """A lane's samples of an epoch (resampled: mixed across sets by weight), shuffled; endless."""
         s = self.spec
-        if len(s.sets) == 1 or s.sampling == "exact":
+        if s.sampling == "exact":
+            yield from self._exact_samples(epoch, lane, lanes)
+            return
+        if len(s.sets) == 1:
             mixed = self._endless(epoch, lane, lanes, 0)
         else:
             weights = list(s.weights) if s.weights else [len(u) for u in s.sets]
