@@ -62,6 +62,12 @@ _lm_term() {
 lm_srun() {
     trap _lm_forward "$STOP_SIGNAL"
     trap _lm_term TERM
+    # Slurm 22.05-23.02: srun no longer takes --cpus-per-task from the job (restored in 23.11), so each
+    # task (one launcher per node, and all of its ranks) would get 1 CPU under task/affinity or
+    # task/cgroup binding. SRUN_CPUS_PER_TASK hands the job's value on (older srun ignores it).
+    if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
+        export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}
+    fi
     srun "$@" &
     local pid=$! status
     LM_STATUS=""
@@ -81,7 +87,9 @@ lm_srun() {
 }
 
 # lm_finish: requeue this job if it was asked to stop, stopped cleanly, is still RUNNING and is under the
-# cap; otherwise exit with srun's status.
+# cap; otherwise exit with srun's status. (A signal that comes after the last step, during the final save,
+# still requeues: the ranks exit 0 either way and this script knows neither run.dir nor the step count.
+# The requeued job resumes at the last step, redoes only the final pictures and evaluation, and ends.)
 lm_finish() {
     local state restarts
     if [[ -z $LM_SIGNALLED || -n $LM_TERMINATED ]]; then

@@ -32,9 +32,8 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 # Shards are read through a pipe: command, so that the first run of a job chain can be held back (see
 # CAT_SHARD); the stream, and so every loss, is the same whichever way a shard is read.
 CAT_SHARD = """#!/bin/sh
-# Test helper, data.shards=pipe:THIS SHARD: print the shard. Slurm signals every process of a job step,
-# so the stop signals are ignored here: a shard must not be cut short when the ranks are told to stop.
-trap '' USR1 USR2
+# Test helper, data.shards=pipe:THIS SHARD: print the shard. Slurm signals every process of a job step;
+# the stop signals are not trapped here: largemim starts its readers with them ignored.
 if [ -n "$LM_TEST_HOLD_FIRST_RUN" ] && [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then
     # The first run of the chain reads nothing until 50 s after the job started, so that it is still
     # running when its time-limit warning comes (25-55 s after the start with --time 1 --signal-delay-s 5).
@@ -282,12 +281,13 @@ def test_requeue_cap_and_cancel(slurm_cluster, shards, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ sbatch templates
-def sbatch_template(template: str, run: Path, shards: str) -> str:
+def sbatch_template(template: str, run: Path, shards: str, *extra: str) -> str:
     run.mkdir(parents=True)
     env = dict(os.environ, CONFIG=RECIPE, PROCS_PER_NODE="1", VENV=str(REPO / ".venv"))
     cmd = [
         "sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10", "--partition=debug",
         f"--output={run}/slurm-%j.out", str(REPO / "slurm" / template), *overrides(run, shards, TEMPLATE_STEPS),
+        *extra,
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True)
     return proc.stdout.strip().split(";")[0]
@@ -327,6 +327,24 @@ def test_deepspeed_template_two_nodes_matches_torchrun(torchrun_run, shards, tmp
     assert_same_losses(run, torchrun_run, TEMPLATE_STEPS)
 
 
+@on_cluster
+def test_deepspeed_template_saves_on_scancel(slurm_cluster, shards, tmp_path):
+    """A plain scancel (SIGTERM to every process of the step): the per-node bash and the deepspeed runner
+    wait instead of dying at once (which would end the task and get the ranks killed before they saved),
+    so the ranks save the step they stop at; the job is not requeued. With a loader worker per rank,
+    which gets the SIGTERM too and must not take its rank down with it."""
+    from largemim.checkpoint import complete_checkpoints
+
+    run = tmp_path / "run"
+    job_id = sbatch_template("deepspeed.sbatch", run, shards, "data.workers=1")
+    wait_for_steps(run, 20, 240, run)
+    subprocess.run(["scancel", job_id], check=True)
+    assert wait_until_ended(job_id, 120, run) == "CANCELLED", tail_logs(run)
+    saved = [step for step, _ in complete_checkpoints(run / "checkpoints")]
+    assert saved and 20 <= saved[-1] < TEMPLATE_STEPS, tail_logs(run)  # every_steps=1000: only the stop's save
+    assert "requeueing" not in next(run.glob("slurm-*.out")).read_text()
+
+
 # ------------------------------------------------------------------------------------------ CLI
 @on_cluster
 def test_dry_run_prints_the_script_and_config_and_submits_nothing(slurm_cluster, shards, tmp_path, capsys):
@@ -345,7 +363,7 @@ def test_dry_run_prints_the_script_and_config_and_submits_nothing(slurm_cluster,
         "#SBATCH --signal=USR2@30", "#SBATCH --requeue", "#SBATCH --partition=debug", "#SBATCH --exclusive",
         "#SBATCH --account=acct", "#SBATCH --qos=high", "#SBATCH --mem=4G", "#SBATCH --constraint=a100",
         "#SBATCH --mail-type=END", f"#SBATCH --output={run}/slurm/%j_0_log.out", "export SUBMITIT_PREEMPT_SIGNAL=USR2",
-        f"submitit.core._submit {run}/slurm",
+        f"submitit.core._submit {run}/slurm", "export SRUN_CPUS_PER_TASK=", "# time limit: 90 min (--time)",
     ]:  # fmt: skip
         assert line in out, line
     # The resolved config: absolute run dir; the requeue signal joined the default stop signals.
@@ -357,6 +375,9 @@ def test_dry_run_prints_the_script_and_config_and_submits_nothing(slurm_cluster,
     assert main([*submit_args(run, shards), "--signal", "sigusr1", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "#SBATCH --signal=USR1@30" in out and "export SUBMITIT_PREEMPT_SIGNAL=USR1" in out
+    # No --time: the partition's limit, from sinfo (debug: no DefaultTime, MaxTime=INFINITE), not submitit's 5.
+    assert "#SBATCH --time=UNLIMITED" in out, out
+    assert "# time limit: UNLIMITED (partition debug: no DefaultTime; MaxTime infinite, from sinfo" in out, out
 
     assert main(["--config", RECIPE, *overrides(run, shards), "optim.lrr=1", "--dry-run"]) == 2
     assert "did you mean 'optim.lr'" in capsys.readouterr().err

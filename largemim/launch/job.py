@@ -17,6 +17,10 @@ point; it cannot be made safe. So:
    sends SIGTERM while the job is already COMPLETING) or the cap is reached, the job ends with an error
    that says so. A requeued task leaves with ``SystemExit`` so submitit writes no result for it; a job
    that ends for good leaves a result (or an error) for ``job.results()``.
+4. No rank leaves before the requeue is done: the others wait for rank 0's word on it (a broadcast),
+   then all leave the process group together. A rank that exited early (status 3) would, under srun's
+   ``--kill-on-bad-exit`` (or ``KillOnBadExit=1``), get rank 0 killed before it requeued, and the chain
+   would stop. If ``scontrol requeue`` fails, every rank ends with an error that says so.
 
 ``checkpoint()`` is still defined: submitit's handler is in place for the second or two between the task
 starting and step 1, and calls it if the signal comes then. Nothing has trained yet, so it resubmits the
@@ -87,36 +91,35 @@ class TrainJob:
             if task.rank == 0:
                 chain.record(slurm_dir, "failed", job_id=task.job_id, error=f"{type(e).__name__}: {e}"[:500])
             raise
+        return self._end(task, env.rank, summary, exit_status)
+
+    def _end(self, task, rank: int, summary: dict, exit_status: _ExitWithoutFinalizers) -> dict:
+        """After ``train``: return the summary (finished), requeue and leave, or raise JobStopped."""
+        slurm_dir = Path(self.cfg.run.dir) / "slurm"
         step = summary["end_step"]
         if not summary.get("stopped_early"):
-            if env.rank == 0:
+            if rank == 0:
                 chain.record(slurm_dir, "finished", job_id=task.job_id, step=step, total_steps=summary["total_steps"])
             _leave_process_group()
             return summary
 
-        requeue, reason = self._decide(task, env.rank)
-        _leave_process_group()
+        requeue, reason = self._decide(task, rank)
         if requeue:
-            if env.rank == 0:
-                from largemim.launch.slurm_env import requeue as scontrol_requeue
-
-                chain.record(
-                    slurm_dir, "requeued", job_id=task.job_id, step=step, total_steps=summary["total_steps"],
-                    reason=reason,
-                )  # fmt: skip
-                log.warning("saved step %d; requeueing job %s (%s)", step, task.job_id, reason)
-                try:
-                    scontrol_requeue(task.job_id)  # Slurm now ends this job; the other ranks are leaving too
-                except Exception as e:
-                    chain.record(slurm_dir, "failed", job_id=task.job_id, error=f"{type(e).__name__}: {e}"[:500])
-                    raise
-            exit_status.code = EXIT_REQUEUED
-            sys.exit(EXIT_REQUEUED)  # SystemExit: submitit writes no result, the requeued job will
+            error = self._requeue(task, rank, step, summary["total_steps"], reason)
+            _leave_process_group()  # only once the requeue is done: see 4. above
+            if error is None:
+                exit_status.code = EXIT_REQUEUED
+                sys.exit(EXIT_REQUEUED)  # SystemExit: submitit writes no result, the requeued job will
+            raise JobStopped(
+                f"stopped at step {step} of {summary['total_steps']}; requeueing failed: {error}. "
+                f"{self.cfg.run.dir} has a checkpoint of step {step}; submit the same command to continue."
+            )
+        _leave_process_group()
         message = (
             f"stopped at step {step} of {summary['total_steps']} and not requeued: {reason}. "
             f"{self.cfg.run.dir} has a checkpoint of step {step}; submit the same command to continue."
         )
-        if env.rank == 0:
+        if rank == 0:
             chain.record(
                 slurm_dir, "stopped", job_id=task.job_id, step=step, total_steps=summary["total_steps"], reason=reason
             )
@@ -124,8 +127,6 @@ class TrainJob:
 
     def _decide(self, task, rank: int) -> tuple[bool, str]:
         """Rank 0 decides whether to requeue; every rank gets the same answer."""
-        import torch.distributed as dist
-
         from largemim.launch.slurm_env import job_state
 
         decision: list = [None]
@@ -138,9 +139,32 @@ class TrainJob:
                 decision[0] = (False, f"it has been requeued {task.restarts} times ({cap})")
             else:
                 decision[0] = (True, f"requeue {task.restarts + 1} of at most {self.max_requeues}")
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast_object_list(decision, src=0)
+        _broadcast_from_rank0(decision)
         return decision[0]
+
+    def _requeue(self, task, rank: int, step: int, total_steps: int, reason: str) -> str | None:
+        """Rank 0 runs ``scontrol requeue``; every rank returns None once it is done, or its error.
+
+        The broadcast is also what holds the other ranks back until the requeue is done. ``requeued`` is
+        recorded only once it is done; a failed requeue is recorded as ``failed`` (with the saved step).
+        """
+        from largemim.launch.slurm_env import requeue as scontrol_requeue
+
+        slurm_dir = Path(self.cfg.run.dir) / "slurm"
+        error: list = [None]
+        if rank == 0:
+            log.warning("saved step %d; requeueing job %s (%s)", step, task.job_id, reason)
+            try:
+                scontrol_requeue(task.job_id)  # Slurm now ends this job (SIGTERM, then SIGKILL after KillWait)
+            except Exception as e:
+                error[0] = f"{type(e).__name__}: {e}"[:500]
+                chain.record(slurm_dir, "failed", job_id=task.job_id, step=step, error=error[0])
+            else:
+                chain.record(
+                    slurm_dir, "requeued", job_id=task.job_id, step=step, total_steps=total_steps, reason=reason
+                )
+        _broadcast_from_rank0(error)
+        return error[0]
 
     def checkpoint(self, *args, **kwargs) -> DelayedSubmission:
         """Only reached if the signal comes before ``__call__`` replaced submitit's handler (see above)."""
@@ -152,6 +176,13 @@ def _newest_complete_step(run_dir: Path) -> int:
 
     found = complete_checkpoints(run_dir / "checkpoints")
     return found[-1][0] if found else 0
+
+
+def _broadcast_from_rank0(objects: list) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(objects, src=0)
 
 
 def _leave_process_group() -> None:

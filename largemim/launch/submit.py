@@ -8,6 +8,8 @@
 One job runs ``nodes x tasks_per_node`` tasks, one rank each, training in-process. The config is
 resolved and checked here, on the login node, before anything is queued. submitit's files (the pickled
 call, one log per task) go to ``RUN_DIR/slurm/``, with ``chain.jsonl``, the run's record of its jobs.
+Without ``--time`` the job gets its partition's DefaultTime (or MaxTime), read with ``sinfo``
+(largemim/launch/time_limit.py): submitit would otherwise ask for 5 minutes.
 
 Time limits and preemption: Slurm sends ``--signal`` (default USR2) ``--signal-delay-s`` seconds before
 the time limit (or when an admin or a preemption script sends it). Every rank stops after the same
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from largemim.config import Config, ConfigError, load_config, make_plan, to_yaml
 from largemim.launch import chain
+from largemim.launch.time_limit import SUBMITIT_UNLIMITED_MIN, TimeLimit, job_time_limit
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,7 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     res.add_argument("--account", default=None)
     res.add_argument("--qos", default=None)
     res.add_argument("--constraint", default=None)
-    res.add_argument("--time", type=int, default=None, help="time limit in minutes (default: the partition's)")
+    res.add_argument(
+        "--time", default=None,
+        help="time limit: minutes, or Slurm's D-HH:MM:SS (and its other forms), or UNLIMITED (default: the "
+        "partition's DefaultTime, or its MaxTime if it has none, read with sinfo)",
+    )  # fmt: skip
     res.add_argument("--exclusive", action="store_true")
     res.add_argument("--job-name", default=None, help="default: largemim-<name of run.dir>")
     res.add_argument(
@@ -97,6 +104,7 @@ class Prepared:
     signal: str  # short name: USR2
     params: dict  # submitit SlurmExecutor parameters
     plan_line: str
+    time: TimeLimit
 
 
 def prepare(args: argparse.Namespace) -> Prepared:
@@ -148,8 +156,18 @@ def prepare(args: argparse.Namespace) -> Prepared:
         setup.append(f"export PYTHONPATH={shlex.quote(str(root))}${{PYTHONPATH:+:$PYTHONPATH}}")
     if args.cpus_per_task:
         setup.append(f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{args.cpus_per_task}}}")
+    # Slurm 22.05-23.02: srun no longer takes --cpus-per-task from the job (restored in 23.11), so each
+    # task would get 1 CPU under task/affinity or task/cgroup binding; SRUN_CPUS_PER_TASK hands it on.
+    setup.append(
+        'if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then '
+        "export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}; fi"
+    )
 
+    # Always a value: submitit writes --time=5 when given none.
+    limit = job_time_limit(args.time, args.partition)
     extra: dict = {"signal": f"{sig}@{args.signal_delay_s}", "requeue": True, "chdir": os.getcwd()}
+    if limit.minutes is None:
+        extra["time"] = limit.sbatch  # the #SBATCH line; submitit's own `time` must stay a number (below)
     if args.mem is not None:
         extra["mem"] = args.mem
     for item in args.sbatch_extra:
@@ -157,6 +175,8 @@ def prepare(args: argparse.Namespace) -> Prepared:
         key = key.strip().lstrip("-")
         if not key:
             raise ConfigError(f"--sbatch-extra {item!r}: expected KEY=VALUE or KEY (e.g. mail-type=END)")
+        if key == "time":
+            raise ConfigError(f"--sbatch-extra {item!r}: use --time (minutes, D-HH:MM:SS or UNLIMITED)")
         extra[key.replace("_", "-")] = value if eq else True
     params: dict = {
         "job_name": args.job_name or f"largemim-{run_dir.name}",
@@ -168,11 +188,12 @@ def prepare(args: argparse.Namespace) -> Prepared:
     }
     optional = {
         "cpus_per_task": args.cpus_per_task, "gpus_per_node": args.gpus_per_node or None, "partition": args.partition,
-        "account": args.account, "qos": args.qos, "constraint": args.constraint, "time": args.time,
+        "account": args.account, "qos": args.qos, "constraint": args.constraint,
+        "time": SUBMITIT_UNLIMITED_MIN if limit.minutes is None else limit.minutes,
         "exclusive": True if args.exclusive else None,
     }  # fmt: skip
     params.update({k: v for k, v in optional.items() if v is not None})
-    return Prepared(cfg, run_dir, world, tasks, sig, params, plan_line)
+    return Prepared(cfg, run_dir, world, tasks, sig, params, plan_line, limit)
 
 
 def make_executor(prep: Prepared, max_requeues: int):
@@ -249,12 +270,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# resolved config (the job writes it to {prep.run_dir / 'config.yaml'})")
             print(to_yaml(prep.cfg))
             print(f"# plan: {prep.plan_line}")
+            print(f"# time limit: {prep.time.describe()}")
             return 0
         job, prep = submit(argv)
     except ConfigError as e:
         print(f"largemim-submit: error: {e}", file=sys.stderr)
         return 2
     print(f"submitted job {job.job_id}: {prep.plan_line}")
+    print(f"  time:   {prep.time.describe()}")
     print(f"  logs:   {prep.run_dir / 'slurm'}/{job.job_id}_<task>_log.out|err")
     print(f"  status: largemim-submit --status {prep.run_dir}")
     if not args.wait:

@@ -1,0 +1,229 @@
+"""Parts of the Slurm launcher that need no cluster: the job's time limit (Slurm's time formats, the
+partition's limit from sinfo's output), the dry-run script, and the order of the requeue on two real
+gloo ranks. The launchers on a real cluster are in test_slurm.py.
+
+A few Slurm commands are stand-ins on PATH here (sinfo printing a partition table, scontrol answering
+for a job that does not exist): each test says which.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY, free_port
+
+from largemim.config import Config, ConfigError
+from largemim.launch.time_limit import TimeLimit, job_time_limit, parse_slurm_time, partition_time_limit
+
+
+# ------------------------------------------------------------------------------------------ time formats
+@pytest.mark.parametrize(
+    "text, minutes",
+    [
+        ("90", 90), ("0:30", 1), ("30:00", 30), ("30:01", 31),  # MM, MM:SS (seconds round up, as Slurm's)
+        ("1:00:00", 60), ("12:30:00", 750), ("00:00:30", 1),  # HH:MM:SS
+        ("2-12", 3600), ("1-02:30", 1590), ("1-00:00:00", 1440), ("1-00:00:30", 1441),  # D-HH[:MM[:SS]]
+        ("infinite", None), ("UNLIMITED", None), ("Unlimited", None), (" 45 ", 45),
+    ],
+)  # fmt: skip
+def test_slurm_time_formats(text, minutes):
+    assert parse_slurm_time(text) == minutes
+
+
+@pytest.mark.parametrize("text", ["n/a", "", "abc", "1:2:3:4", "1-2-3", "-5", "1.5", "1h"])
+def test_what_is_not_a_slurm_time_is_an_error(text):
+    with pytest.raises(ValueError):
+        parse_slurm_time(text)
+
+
+# ------------------------------------------------------------------------------------------ partitions
+# `sinfo --noheader --all --format='%P %L %l'`: partition ('*' = the default), DefaultTime, MaxTime.
+SINFO = """\
+debug* 30:00 1-00:00:00
+gpu n/a 2-00:00:00
+long n/a infinite
+short 10:00 1:00:00
+"""
+
+
+@pytest.mark.parametrize(
+    "partition, minutes, source",
+    [
+        (None, 30, "default partition debug: DefaultTime 30:00"),
+        ("debug", 30, "partition debug: DefaultTime 30:00"),
+        ("gpu", 2880, "partition gpu: no DefaultTime; MaxTime 2-00:00:00"),
+        ("long", None, "partition long: no DefaultTime; MaxTime infinite"),
+        ("gpu,short", 10, "partition short: DefaultTime 10:00"),  # a list: the shortest limit
+        ("long,gpu", 2880, "partition gpu: no DefaultTime; MaxTime 2-00:00:00"),
+    ],
+)
+def test_partition_time_limit_from_sinfo(partition, minutes, source):
+    limit = partition_time_limit(SINFO, partition)
+    assert limit.minutes == minutes
+    assert limit.source == f"{source}, from sinfo; --time not given"
+    assert limit.sbatch == ("UNLIMITED" if minutes is None else str(minutes))
+
+
+def test_partition_time_limit_errors_ask_for_time():
+    with pytest.raises(ConfigError, match=r"partition 'nope' is not in sinfo's list \(debug, gpu, long, short\)"):
+        partition_time_limit(SINFO, "nope")
+    with pytest.raises(ConfigError, match="marks no default partition.*give --partition, or give --time"):
+        partition_time_limit("gpu n/a 2-00:00:00\n", None)
+    with pytest.raises(ConfigError, match="no usable time limit.*give --time"):
+        partition_time_limit("odd* n/a n/a\n", None)
+    with pytest.raises(ConfigError, match="not in sinfo's list \\(none\\)"):
+        partition_time_limit("", "gpu")
+
+
+@pytest.fixture
+def fake_bin(tmp_path, monkeypatch) -> Path:
+    """A folder first on PATH for stand-ins of Slurm's commands; SBATCH_* variables cleared."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    for name in ("SBATCH_TIMELIMIT", "SBATCH_PARTITION"):
+        monkeypatch.delenv(name, raising=False)
+    return folder
+
+
+def stand_in(folder: Path, name: str, script: str) -> None:
+    path = folder / name
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+
+
+def test_job_time_limit_order_and_failures(fake_bin, monkeypatch):
+    stand_in(fake_bin, "sinfo", f"cat <<'EOF'\n{SINFO}EOF\n")
+    assert job_time_limit("1-00:00:00", None) == TimeLimit(1440, "--time")
+    assert job_time_limit(None, None).minutes == 30
+    assert job_time_limit(None, "long").minutes is None
+    monkeypatch.setenv("SBATCH_PARTITION", "gpu")  # sbatch would use it: so is its limit
+    assert job_time_limit(None, None).minutes == 2880
+    assert job_time_limit(None, "short").minutes == 10  # --partition wins
+    monkeypatch.setenv("SBATCH_TIMELIMIT", "2:00:00")  # wins over the script's #SBATCH --time
+    assert job_time_limit(None, None) == TimeLimit(120, "SBATCH_TIMELIMIT in the environment; --time not given")
+    with pytest.raises(ConfigError, match="--time: 'soon' is not a Slurm time"):
+        job_time_limit("soon", None)
+
+    monkeypatch.delenv("SBATCH_TIMELIMIT")
+    stand_in(fake_bin, "sinfo", "echo 'sinfo: error: Unable to contact slurm controller' >&2; exit 1\n")
+    with pytest.raises(ConfigError, match=r"failed \(1: sinfo: error: Unable to contact.*give --time"):
+        job_time_limit(None, None)
+    monkeypatch.setenv("PATH", str(fake_bin))
+    (fake_bin / "sinfo").unlink()
+    with pytest.raises(ConfigError, match="could not run .* give --time"):
+        job_time_limit(None, None)
+
+
+# ------------------------------------------------------------------------------------------ dry run
+def test_dry_run_shows_the_partition_time_limit_and_cpus_for_srun(fake_bin, shard_set, tmp_path, capsys):
+    """Without --time the script asks for the partition's limit (submitit alone would write 5 minutes)."""
+    from largemim.launch.submit import main
+
+    stand_in(fake_bin, "srun", "exit 1\n")  # submitit only checks that srun is on PATH; nothing runs it
+    stand_in(fake_bin, "sinfo", "echo 'debug* n/a infinite'; echo 'gpu 1-00:00:00 2-00:00:00'\n")
+    run = tmp_path / "run"
+    args = [
+        "--config", str(REPO / "largemim/recipes/mae_tiny_cpu.yaml"), *TINY, f"data.shards={shard_set}",
+        f"run.dir={run}", "--nodes", "2", "--cpus-per-task", "4", "--dry-run",
+    ]  # fmt: skip
+
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --time=UNLIMITED" in out and "#SBATCH --time=5" not in out
+    assert "# time limit: UNLIMITED (default partition debug: no DefaultTime; MaxTime infinite, from sinfo" in out
+    assert "then export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}; fi" in out
+    assert out.index("SRUN_CPUS_PER_TASK") < out.index("srun --unbuffered")
+
+    assert main([*args, "--partition", "gpu"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --time=1440" in out and "# time limit: 1440 min (partition gpu: DefaultTime 1-00:00:00" in out
+
+    assert main([*args, "--time", "2:00:00"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --time=120" in out and "# time limit: 120 min (--time)" in out
+
+    assert main([*args, "--sbatch-extra", "time=10"]) == 2
+    assert "use --time" in capsys.readouterr().err
+    assert not run.exists()
+
+
+# ------------------------------------------------------------------------------------------ requeue order
+# scontrol stand-in: the job is RUNNING; `requeue` takes a second, then leaves a marker (or fails).
+SCONTROL = """\
+case "$1" in
+show) echo "JobId=$4 JobState=RUNNING Restarts=0" ;;
+requeue)
+    sleep 1
+    if [ -n "$FAIL_REQUEUE" ]; then echo "scontrol: error: Requested operation is presently disabled" >&2; exit 1; fi
+    touch "$MARKER" ;;
+esac
+"""
+
+
+def _rank_after_train(rank: int, port: int, run_dir: str, marker: str, results) -> None:
+    """One rank of a 2-rank gloo group, from the point where ``train`` returned stopped early at step 7."""
+    import torch.distributed as dist
+
+    from largemim.launch.job import TrainJob, _ExitWithoutFinalizers
+    from largemim.launch.slurm_env import SlurmTask
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    cfg = Config()
+    cfg.run.dir = run_dir
+    task = SlurmTask("123", 0, rank, rank, 2, 1, rank, ("n1", "n2"), "127.0.0.1", port)
+    exit_status = _ExitWithoutFinalizers()
+    summary = {"start_step": 0, "end_step": 7, "total_steps": 10, "stopped_early": True}
+    try:
+        TrainJob(cfg, "SIGUSR2", max_requeues=3)._end(task, rank, summary, exit_status)
+        outcome = "returned"
+    except SystemExit as e:
+        outcome = f"SystemExit({e.code}), marker there: {os.path.exists(marker)}"
+    except Exception as e:
+        outcome = f"{type(e).__name__}: {e}"
+    results.put((rank, outcome, exit_status.code, dist.is_initialized()))
+
+
+def _run_two_ranks(run_dir: Path, marker: Path) -> dict[int, tuple]:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_after_train, args=(r, port, str(run_dir), str(marker), results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    out = {r: tuple(rest) for r, *rest in (results.get(timeout=120) for _ in procs)}
+    for p in procs:
+        p.join(30)
+    return out
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_no_rank_leaves_before_rank_0_has_requeued(fail, fake_bin, tmp_path, monkeypatch):
+    """Rank 1 leaves (SystemExit 3) only after `scontrol requeue` is done, and `requeued` is recorded only
+    after it; a failed requeue ends every rank with that error instead of a hang or a silent exit 3."""
+    stand_in(fake_bin, "scontrol", SCONTROL)
+    marker = tmp_path / "requeue-done"
+    monkeypatch.setenv("MARKER", str(marker))
+    if fail:
+        monkeypatch.setenv("FAIL_REQUEUE", "1")
+    run = tmp_path / "run"
+
+    out = _run_two_ranks(run, marker)
+
+    events = [json.loads(ln) for ln in (run / "slurm/chain.jsonl").read_text().splitlines()]
+    if not fail:
+        for rank in (0, 1):
+            assert out[rank] == ("SystemExit(3), marker there: True", 3, False), out
+        assert [e["event"] for e in events] == ["requeued"] and events[0]["step"] == 7, events
+        assert events[0]["time"] >= marker.stat().st_mtime - 0.01  # recorded after the requeue was done
+    else:
+        for rank in (0, 1):
+            outcome, code, initialized = out[rank]
+            assert outcome.startswith("JobStopped: stopped at step 7 of 10; requeueing failed: RuntimeError"), out
+            assert "presently disabled" in outcome and code == 0 and not initialized
+        assert [e["event"] for e in events] == ["failed"] and events[0]["step"] == 7, events
+        assert not marker.exists()
