@@ -309,6 +309,8 @@ def make_plan(cfg: Config, world_size: int, num_samples: int) -> Plan:
         )
     if not 0.0 < o.mask_ratio < 1.0:
         raise ConfigError(f"objective.mask_ratio={o.mask_ratio} must be strictly between 0 and 1 (MAE uses 0.75)")
+    if cfg.run.seed < 0:
+        raise ConfigError(f"run.seed={cfg.run.seed} must be >= 0 (numpy's seed sequences take no negative numbers)")
     check_objective(cfg)
     d = cfg.data
     if d.sampling not in ("resampled", "exact"):

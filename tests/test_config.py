@@ -67,6 +67,8 @@ def test_derived_checks_name_the_fix():
         make_plan(_cfg("train.epochs=3"), 1, 10_000)
     with pytest.raises(ConfigError, match="fewer than one global batch"):
         make_plan(_cfg(), 4, 100)
+    with pytest.raises(ConfigError, match=r"run.seed=-1 must be >= 0"):
+        make_plan(_cfg("run.seed=-1"), 1, 10_000)
 
 
 def test_grad_accum_is_derived_from_global_batch():
