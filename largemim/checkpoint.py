@@ -220,10 +220,11 @@ class Checkpointer:
         )  # fmt: skip
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        cpus = len(os.sched_getaffinity(0))  # DeepSpeed's defaults (4 and 2), within this rank's CPUs
         cmd = [
             sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
-            "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
-            "--num_merge_workers", "1",
+            "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", str(min(4, cpus)),
+            "--num_merge_workers", str(min(2, cpus)),
         ]  # fmt: skip
         t0 = time.time()
         failed.unlink(missing_ok=True)
