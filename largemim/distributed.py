@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -9,6 +10,8 @@ from dataclasses import dataclass
 import deepspeed
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -25,18 +28,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def cuda_wanted() -> bool:
+    """A CUDA device is visible and ``DS_ACCELERATOR`` does not ask for the CPU."""
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "").lower() != "cpu"
+
+
 def init_distributed() -> DistEnv:
     """Join the process group described by the launcher's variables (RANK, WORLD_SIZE, MASTER_ADDR, ...).
 
-    A plain ``python -m largemim.train`` becomes a world of one. On the CPU the backend is gloo and each
-    rank gets an equal share of the cores unless OMP_NUM_THREADS says otherwise.
+    A plain ``python -m largemim.train`` becomes a world of one. ``DS_ACCELERATOR=cpu`` keeps a machine
+    with GPUs on the CPU (as DeepSpeed itself then does). On the CPU the backend is gloo and each rank
+    gets an equal share of the cores unless OMP_NUM_THREADS says otherwise.
     """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not cuda_wanted() and local_rank == 0:
+        log.warning(
+            "DS_ACCELERATOR=cpu: training on the CPU although %d GPU(s) are visible; unset DS_ACCELERATOR "
+            "(tools/setup_env.sh and tools/demo.sh set it for the CPU demo) to train on them",
+            torch.cuda.device_count(),
+        )
+    if cuda_wanted():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:

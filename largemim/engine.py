@@ -19,6 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from largemim import grad_checks
 from largemim.config import Config, ConfigError, Plan
+from largemim.distributed import cuda_wanted
 from largemim.schedule import lr_factor
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def choose_optimizer(cfg: Config, ds: dict) -> str:
             raise ConfigError(f"optimizer offload needs DeepSpeedCPUAdam: set optim.impl=auto, not {impl!r}")
         return "deepspeed"  # DeepSpeed builds DeepSpeedCPUAdam for offloaded optimizer states
     if impl == "auto":
-        return "torch_fused" if torch.cuda.is_available() else "torch"
+        return "torch_fused" if cuda_wanted() else "torch"
     return impl
 
 

@@ -184,3 +184,14 @@ def test_sweep_memory_orchestration(monkeypatch):
     args = tool.parse_args(["--sweep-memory", "--impl", "largemim", "--sweep-configs", "ds_configs/zero2.json"])
     assert tool.sweep_memory(args, "cuda", records.append) == 1
     assert [r["error"] for r in records] == ["largemim ckpt=0 batch 8: failed (exit 1)"] * 2
+
+
+def test_a_recipes_global_batch_does_not_hide_the_optimizer_step():
+    """With a recipe's global batch the engine would accumulate (grad_accum 64 for ViT-L on one device),
+    and no timed step would hold an optimizer step while the HF side steps every micro-batch."""
+    from largemim.config import make_plan
+
+    tool = load_tool()
+    recipe = str(REPO / "largemim/recipes/mae_vit_large_patch16.yaml")
+    cfg = tool.bench_config(tool.parse_args(["--config", recipe, *TINY, "--steps", "3"]))
+    assert make_plan(cfg, 1, 10**6).grad_accum == 1

@@ -227,3 +227,19 @@ def test_no_rank_leaves_before_rank_0_has_requeued(fail, fake_bin, tmp_path, mon
             assert "presently disabled" in outcome and code == 0 and not initialized
         assert [e["event"] for e in events] == ["failed"] and events[0]["step"] == 7, events
         assert not marker.exists()
+
+
+def test_ds_accelerator_cpu_keeps_a_gpu_machine_on_the_cpu(monkeypatch):
+    """The demo and the tests export DS_ACCELERATOR=cpu; on a machine with GPUs, DeepSpeed then builds a
+    CPU engine, so the trainer must not put its ranks (and their batches) on CUDA devices."""
+    import torch
+
+    from largemim.distributed import cuda_wanted
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert not cuda_wanted()
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    assert cuda_wanted()
+    monkeypatch.delenv("DS_ACCELERATOR")
+    assert cuda_wanted()

@@ -109,6 +109,9 @@ def bench_config(args: argparse.Namespace):
         )
     cfg.train.steps, cfg.train.epochs = args.warmup + args.steps, 0.0
     cfg.train.warmup_steps, cfg.train.warmup_epochs = 0, 0.0
+    # Every timed step is one micro-batch and its optimizer step, as on the Hugging Face side: a recipe's
+    # global batch would make DeepSpeed accumulate, and the timed steps would hold no optimizer step.
+    cfg.train.global_batch, cfg.train.grad_accum = 0, 1
     return cfg
 
 
