@@ -1,6 +1,7 @@
 """Periodic looks at the model during training: representation check and reconstruction pictures.
 
-Both run on every rank (under ZeRO-3 a forward pass is collective) and report from rank 0.
+Both run their forward passes on every rank (under ZeRO-3 a forward pass is collective); rank 0 alone
+fits the read-outs and reports.
 """
 
 from __future__ import annotations
@@ -53,24 +54,39 @@ class Monitor:
         return module.encoder(images.to(self.device, param_dtype(module)))
 
     def representation(self) -> dict[str, float]:
+        """kNN and linear-probe accuracy on rank 0; {} on the others."""
         module = self.engine.module
         module.eval()
         try:
-            return check_encoder(self._encode, self.train_set, self.test_set, k=self.cfg.eval.knn_k)
+            return check_encoder(self._encode, self.train_set, self.test_set, k=self.cfg.eval.knn_k, fit=self.rank == 0)
         finally:
             module.train()
 
-    def baselines(self) -> dict[str, dict[str, float]]:
-        """Raw pixels and this run's random-init encoder; computed at step 0 and kept in the run folder."""
+    def baselines(self, fresh: bool) -> dict[str, dict[str, float]]:
+        """Raw pixels and this run's random-init encoder (``fresh``: nothing trained or loaded yet),
+        computed once and kept in the run folder with the eval settings they were computed with; on rank
+        0 (others get {}). A run that starts from loaded weights, or turns the check on after step 0, has
+        no random-init row: the encoder in hand is not random any more."""
+        e = self.cfg.eval
+        settings = {
+            "train_shards": e.train_shards, "test_shards": e.test_shards, "train_samples": e.train_samples,
+            "test_samples": e.test_samples, "knn_k": e.knn_k, "img_size": self.cfg.model.img_size,
+        }  # fmt: skip
         path = self.run_dir / BASELINES
         if path.exists():
-            return json.loads(path.read_text())
-        result = {
-            "raw_pixels": pixel_baseline(self.train_set, self.test_set, k=self.cfg.eval.knn_k),
-            "random_init": self.representation(),
-        }
-        if self.rank == 0:
-            path.write_text(json.dumps(result, indent=1))
+            kept = json.loads(path.read_text())
+            if kept.get("settings", settings) == settings:
+                return kept if self.rank == 0 else {}
+            log.info("%s was computed with other eval settings: computing it again", path)
+        result: dict = {"settings": settings}
+        if fresh:
+            result["random_init"] = self.representation()
+        else:
+            log.info("no random-init baseline: the encoder was loaded (model.init_from) or has trained already")
+        if self.rank != 0:
+            return {}
+        result["raw_pixels"] = pixel_baseline(self.train_set, self.test_set, k=e.knn_k)
+        path.write_text(json.dumps(result, indent=1))
         return result
 
     @torch.no_grad()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -52,15 +53,32 @@ class RunLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step + 1 if resume_step else None)
+            # Flushed every 15 s (not 120): a run that dies (a non-finite loss raises) keeps its last scalars.
+            self.writer = SummaryWriter(
+                str(Path(run_dir) / "tb"), purge_step=resume_step + 1 if resume_step else None, flush_secs=15
+            )
         self._t0, self._step0 = time.time(), resume_step
 
     def _truncate_after(self, step: int) -> None:
-        """Drop lines a killed run logged after its last checkpoint: the resumed run logs them again."""
+        """Drop lines a killed run logged after its last checkpoint (the resumed run logs them again), and
+        a line the kill tore (a node crash can leave a partial or zero-filled tail). Replaced whole: a
+        crash during the rewrite leaves the old file."""
         if not self.metrics_path.exists():
             return
-        kept = [ln for ln in self.metrics_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-        self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        kept, torn = [], 0
+        for line in self.metrics_path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                torn += bool(line.strip("\x00 \t"))
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
+        if torn:
+            log.warning("%s: dropped %d unreadable line(s) (a run killed while writing)", self.metrics_path, torn)
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        os.replace(tmp, self.metrics_path)
 
     def restart_clock(self, step: int) -> None:
         self._t0, self._step0 = time.time(), step

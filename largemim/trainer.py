@@ -170,7 +170,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
     )
     summary: dict = {"start_step": start, "total_steps": plan.total_steps}
     if monitor.has_eval:
-        summary["baselines"] = monitor.baselines()
+        summary["baselines"] = monitor.baselines(fresh=start == 0 and not init_from)
 
     d = cfg.data
     augment_cls = {"fast": FastTrainAugment, "reference": TrainAugment, "device": DeviceDecodeAugment}[d.decode]
@@ -263,14 +263,14 @@ def train(cfg: Config, env: DistEnv) -> dict:
         # scheduler kills the job goes to the one save that matters.
         if stopper.agreed():
             return stop_here()
-        if cfg.log.image_every_steps and step % cfg.log.image_every_steps == 0:
+        if cfg.log.image_every_steps and step % cfg.log.image_every_steps == 0 and step < plan.total_steps:
             monitor.reconstruction(step, run_log)
         if monitor.has_eval and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < plan.total_steps:
             result = monitor.representation()
-            run_log.scalars("repr", result, step)
-            log.info(
-                "representation check at step %d: kNN %.4f, linear probe %.4f", step, result["knn"], result["linear"]
-            )
+            if result:  # rank 0
+                run_log.scalars("repr", result, step)
+                knn, linear = result["knn"], result["linear"]
+                log.info("representation check at step %d: kNN %.4f, linear probe %.4f", step, knn, linear)
         if step % cfg.checkpoint.every_steps == 0 and step < plan.total_steps:
             save(step)
             last_saved = step
@@ -284,8 +284,9 @@ def train(cfg: Config, env: DistEnv) -> dict:
     monitor.reconstruction(step, run_log)
     if monitor.has_eval:
         result = monitor.representation()
-        run_log.scalars("repr", result, step)
-        summary["final"] = result
+        if result:  # rank 0
+            run_log.scalars("repr", result, step)
+            summary["final"] = result
     run_log.close()
     summary.update(stopped_early=False, end_step=step)
     return summary

@@ -49,6 +49,31 @@ def test_short_training_per_zero_stage(tmp_path, shard_set, ds_config, precision
     assert (run / "config.yaml").is_file()
 
 
+def test_representation_check_on_two_ranks_and_its_baselines_across_a_resume(tmp_path, shard_set):
+    """Under ZeRO-3 every rank runs the forward passes; rank 0 alone fits the read-outs and reports. The
+    baselines are computed once with their eval settings; a resume with other settings recomputes them
+    and, as the encoder is no longer random, leaves the random-init row out."""
+    test_set = write_shards(tmp_path / "labelled", demo_samples("test", 64), [64])
+    run = tmp_path / "run"
+    common = [
+        "ds_config=ds_configs/zero3.json", "train.precision=fp32", f"eval.train_shards={shard_set}",
+        f"eval.test_shards={test_set}", "eval.train_samples=128", "eval.test_samples=64", "eval.every_steps=4",
+        "log.tensorboard=true",
+    ]  # fmt: skip
+    proc = run_trainer(run, shard_set, [*common, "train.steps=8", "eval.knn_k=5"])
+    base = json.loads((run / "repr_baselines.json").read_text())
+    assert set(base) == {"settings", "random_init", "raw_pixels"} and base["settings"]["knn_k"] == 5
+    for row in ("random_init", "raw_pixels"):
+        assert 0.0 < base[row]["knn"] <= 1.0 and 0.0 < base[row]["linear"] <= 1.0, base
+    out = proc.stdout + proc.stderr
+    assert "random-init encoder" in out and "pre-trained encoder (step 8)" in out, out[-3000:]
+    assert out.count("representation check at step 4") == 1  # rank 0 reports, once
+
+    run_trainer(run, shard_set, [*common, "train.steps=12", "eval.knn_k=7"])  # resumes at step 8
+    base = json.loads((run / "repr_baselines.json").read_text())
+    assert set(base) == {"settings", "raw_pixels"} and base["settings"]["knn_k"] == 7, base
+
+
 def test_activation_checkpointing_gives_the_same_losses(tmp_path, shard_set):
     common = ["ds_config=ds_configs/zero2.json", "train.precision=fp32", "train.steps=4"]
     run_trainer(tmp_path / "plain", shard_set, common)

@@ -19,6 +19,19 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
+def _records(text: str) -> list[dict]:
+    """metrics.jsonl's records; a line torn by a killed run is left out."""
+    out = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            out.append(record)
+    return out
+
+
 def repr_checks(tb_dir: Path) -> dict[int, dict[str, float]]:
     """step -> {"knn": ..., "linear": ...} from the TensorBoard files (the newest value per step wins)."""
     out: dict[int, dict[str, float]] = {}
@@ -40,7 +53,7 @@ def main() -> None:
     run = args.run_dir
     if not (run / "metrics.jsonl").is_file():
         sys.exit(f"{run} has no metrics.jsonl: is it a run folder (run.dir of a training)?")
-    metrics = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    metrics = {r["step"]: r for r in _records((run / "metrics.jsonl").read_text(errors="replace"))}
     checks = repr_checks(run / "tb") if (run / "tb").is_dir() else {}
     if not checks:
         sys.exit(f"{run}/tb holds no representation checks: set eval.train_shards/test_shards (and eval.every_steps)")

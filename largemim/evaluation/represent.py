@@ -63,12 +63,20 @@ def knn_accuracy(train_f, train_y, test_f, test_y, k: int = 20, temperature: flo
     return correct / len(test_f)
 
 
-def linear_probe_accuracy(train_f, train_y, test_f, test_y, weight_decay: float = 1e-4, iters: int = 200) -> float:
+def linear_probe_accuracy(
+    train_f, train_y, test_f, test_y, weight_decay: float = 1e-4, iters: int = 200, history_bytes: float = 1e9
+) -> float:
     mean, std = train_f.mean(0, keepdim=True), train_f.std(0, keepdim=True) + 1e-6
     xtr, xte = ((train_f - mean) / std).double(), ((test_f - mean) / std).double()
     classes = int(max(train_y.max(), test_y.max())) + 1
     head = torch.nn.Linear(xtr.shape[1], classes).double()
-    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
+    # L-BFGS keeps 2 x history copies of the head: 100 (torch's default) while that fits history_bytes
+    # (a ViT-g probe on 1000 classes would need 4.5 GB), fewer for wide features and many classes.
+    per_copy = 8 * sum(p.numel() for p in head.parameters())
+    history = int(max(5, min(100, history_bytes // (2 * per_copy))))
+    opt = torch.optim.LBFGS(
+        head.parameters(), lr=1.0, max_iter=iters, history_size=history, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()
@@ -89,10 +97,24 @@ def evaluate_features(train_f, train_y, test_f, test_y, k: int = 20) -> dict[str
     }
 
 
+PIXEL_SIDE = 32  # the raw-pixel baseline's images are average-pooled to at most this many pixels a side
+
+
+def pixels(images: torch.Tensor) -> torch.Tensor:
+    """Flattened pixels, pooled to at most PIXEL_SIDE a side: 3072 features, not 150,528 at 224 px (whose
+    fp64 probe would need tens of GB)."""
+    side = min(PIXEL_SIDE, images.shape[-2], images.shape[-1])
+    if (side, side) != tuple(images.shape[-2:]):
+        images = F.adaptive_avg_pool2d(images.float(), side)
+    return images.flatten(1)
+
+
 def pixel_baseline(train: LabelledSet, test: LabelledSet, k: int = 20) -> dict[str, float]:
-    return evaluate_features(train.images.flatten(1), train.labels, test.images.flatten(1), test.labels, k=k)
+    return evaluate_features(pixels(train.images), train.labels, pixels(test.images), test.labels, k=k)
 
 
-def check_encoder(encode, train: LabelledSet, test: LabelledSet, k: int = 20) -> dict[str, float]:
+def check_encoder(encode, train: LabelledSet, test: LabelledSet, k: int = 20, fit: bool = True) -> dict[str, float]:
+    """kNN and linear-probe accuracy of the encoder's features. Every rank must call it (a forward pass is
+    collective under ZeRO-3); only where ``fit`` are the read-outs fitted, elsewhere the result is {}."""
     train_f, test_f = encoder_features(encode, train.images), encoder_features(encode, test.images)
-    return evaluate_features(train_f, train.labels, test_f, test.labels, k=k)
+    return evaluate_features(train_f, train.labels, test_f, test.labels, k=k) if fit else {}

@@ -1,0 +1,51 @@
+"""What a run reports: the representation check's read-outs and metrics.jsonl across a resume."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from largemim.evaluation import represent
+from largemim.evaluation.represent import LabelledSet, linear_probe_accuracy, pixel_baseline, pixels
+from largemim.run_log import RunLog
+
+
+def test_the_raw_pixel_baseline_pools_large_images():
+    """150,528 features at 224 px would need an fp64 probe of tens of GB per rank; pooled to 32 x 32."""
+    assert pixels(torch.rand(4, 3, 224, 224)).shape == (4, 3 * 32 * 32)
+    small = torch.rand(4, 3, 16, 16)
+    assert torch.equal(pixels(small), small.flatten(1))  # small images are used as they are
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(40) % 2
+    images = torch.rand(40, 3, 64, 64, generator=g) + labels.view(-1, 1, 1, 1).float()  # class = brightness
+    result = pixel_baseline(LabelledSet(images[:30], labels[:30]), LabelledSet(images[30:], labels[30:]), k=5)
+    assert result["linear"] > 0.9 and 0.0 <= result["knn"] <= 1.0, result  # kNN is cosine: blind to brightness
+
+
+def test_the_linear_probe_bounds_lbfgs_history(monkeypatch):
+    seen, real = [], torch.optim.LBFGS
+
+    def recording(params, **kw):
+        seen.append(kw["history_size"])
+        return real(params, **kw)
+
+    monkeypatch.setattr(represent.torch.optim, "LBFGS", recording)
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 4
+    x = torch.randn(200, 16, generator=g) + 6 * torch.nn.functional.one_hot(y, 16).float()
+    assert linear_probe_accuracy(x[:150], y[:150], x[150:], y[150:]) > 0.9
+    assert linear_probe_accuracy(x[:150], y[:150], x[150:], y[150:], history_bytes=2e4) > 0.9
+    assert seen == [100, 18]  # torch's default while it fits; 2 x 18 copies of a 68-parameter head in 20 kB
+
+
+def test_a_torn_metrics_line_does_not_stop_the_resume(tmp_path):
+    """A node crash can leave a partial or zero-filled last line; the resume drops it (and the lines after
+    its checkpoint) and goes on."""
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_bytes(("\n".join(lines) + '\n{"step": 6, "lo').encode() + b"\0" * 64)
+    log = RunLog(tmp_path, rank=0, total_steps=10, tensorboard=False, resume_step=4)
+    log.step(5, {"loss": 0.5, "lr": 1e-3}, images_per_step=8)
+    log.close()
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
