@@ -1,17 +1,38 @@
 #!/usr/bin/env bash
-# Create (or reuse) the project's virtual environment in .venv and install the tested versions.
-# Sourced by tools/demo.sh and tools/test.sh, so each of them works on a fresh machine by itself.
-set -euo pipefail
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${LARGEMIM_VENV:-$REPO/.venv}"
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "[setup] creating $VENV"
-  python3 -m venv "$VENV"
-fi
-# shellcheck disable=SC1091
-source "$VENV/bin/activate"
-stamp="$VENV/.largemim-installed"
-if [ ! -f "$stamp" ] || [ "$REPO/requirements.txt" -nt "$stamp" ] || [ "$REPO/pyproject.toml" -nt "$stamp" ]; then
+# Create (or reuse) the project's virtual environment in .venv and install the tested versions, then
+# activate it. Sourced by tools/demo.sh and tools/test.sh, so each of them works on a fresh machine by
+# itself; `source tools/setup_env.sh` in a shell activates it there (the shell's options are left as
+# they were, and a failure returns 1 instead of closing the shell).
+_LM_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+_LM_VENV="${LARGEMIM_VENV:-$_LM_REPO/.venv}"
+
+# The install runs in a subshell: its `set -euo pipefail` and `exit` stay there.
+_lm_install() (
+  set -euo pipefail
+  REPO=$_LM_REPO VENV=$_LM_VENV
+  if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    echo "[setup] largemim needs Python 3.10 or newer as python3; found: $(python3 --version 2>&1)"
+    exit 1
+  fi
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "[setup] creating $VENV"
+    existed=$([ -e "$VENV" ] && echo 1 || true)
+    if ! python3 -m venv "$VENV"; then
+      [ -z "$existed" ] && rm -rf "$VENV"  # leave no half-made environment behind to trip the next run
+      echo "[setup] could not create a virtual environment with python3 -m venv (on Debian/Ubuntu:" \
+           "apt install python3-venv), then run this again"
+      exit 1
+    fi
+  fi
+  if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+    echo "[setup] $VENV is a broken virtual environment (its python has no pip, e.g. an interrupted" \
+         "python3 -m venv): delete it and run this again"
+    exit 1
+  fi
+  stamp="$VENV/.largemim-installed"
+  if [ -f "$stamp" ] && [ ! "$REPO/requirements.txt" -nt "$stamp" ] && [ ! "$REPO/pyproject.toml" -nt "$stamp" ]; then
+    exit 0
+  fi
   # torch's CUDA build alone is 5.6 GB in the venv: say so up front rather than fail mid-install.
   # (less what an earlier, interrupted install already put there)
   have_kb=$(du -sk "$VENV" 2>/dev/null | awk '{print $1}' || true)
@@ -23,16 +44,30 @@ if [ ! -f "$stamp" ] || [ "$REPO/requirements.txt" -nt "$stamp" ] || [ "$REPO/py
     exit 1
   fi
   echo "[setup] installing requirements (torch comes from this machine's disk: about 2 minutes the first time)"
+  py="$VENV/bin/python"
   log="$VENV/install.log"
-  if ! { python -m pip install -q --upgrade pip &&
-         python -m pip install -q --no-cache-dir -r "$REPO/requirements.txt" &&
-         python -m pip install -q --no-deps -e "$REPO"; } >"$log" 2>&1; then
+  if ! { "$py" -m pip install -q --upgrade pip &&
+         "$py" -m pip install -q --no-cache-dir -r "$REPO/requirements.txt" &&
+         "$py" -m pip install -q --no-deps -e "$REPO"; } >"$log" 2>&1; then
     tail -n 30 "$log"
     echo "[setup] install failed; the whole log is in $log"
     exit 1
   fi
-  python -c "import torch, deepspeed, timm, webdataset, submitit, omegaconf" || { echo "[setup] install failed"; exit 1; }
+  "$py" -c "import torch, deepspeed, timm, webdataset, submitit, omegaconf" || { echo "[setup] install failed"; exit 1; }
   touch "$stamp"
+)
+
+if _lm_install; then
+  # shellcheck disable=SC1091
+  source "$_LM_VENV/bin/activate"
+  export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+  export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::FutureWarning}"
+  _lm_status=0
+else
+  _lm_status=1
 fi
-export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
-export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::FutureWarning}"
+unset -f _lm_install
+unset _LM_REPO _LM_VENV
+# `return` when sourced, `exit` when run as a script.
+(return 0 2>/dev/null) && return "$_lm_status"
+exit "$_lm_status"
