@@ -126,8 +126,8 @@ def _init_from(model: nn.Module, cfg: Config, path: str) -> None:
 
 def build_model(cfg: Config, ds_json: dict, init_from: str = "") -> nn.Module:
     """Build the objective; under ZeRO-3 its parameters are created already partitioned across ranks
-    (``zero.Init``), so a ViT-g never exists whole on one rank, and initialised gathered, rank 0's
-    values broadcast to all. ``init_from`` then overwrites the initialisation (a new run only)."""
+    (``zero.Init``), then gathered whole once to be initialised (rank 0's values broadcast to all; ~2 GB
+    in bf16 for a ViT-g, briefly). ``init_from`` then overwrites the initialisation (a new run only)."""
     from largemim.objectives import build_objective
 
     if cfg.train.compile and zero_stage(ds_json) >= 3:
