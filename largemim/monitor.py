@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torchvision.utils import save_image
 
 from largemim.config import Config
@@ -73,11 +75,22 @@ class Monitor:
             "test_samples": e.test_samples, "knn_k": e.knn_k, "img_size": self.cfg.model.img_size,
         }  # fmt: skip
         path = self.run_dir / BASELINES
-        if path.exists():
-            kept = json.loads(path.read_text())
-            if kept.get("settings", settings) == settings:
-                return kept if self.rank == 0 else {}
-            log.info("%s was computed with other eval settings: computing it again", path)
+        kept: list = [None]  # rank 0 reads the file and decides for all: the forward below is collective
+        if self.rank == 0 and path.exists():
+            try:
+                kept[0] = json.loads(path.read_text())
+            except ValueError:
+                log.warning("%s is unreadable (a run killed while writing it?): computing it again", path)
+            if kept[0] is not None and kept[0].get("settings", settings) != settings:
+                log.info("%s was computed with other eval settings: computing it again", path)
+                kept[0] = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            decision = [kept[0] is not None]
+            dist.broadcast_object_list(decision, src=0)
+            if decision[0]:
+                return kept[0] if self.rank == 0 else {}
+        elif kept[0] is not None:
+            return kept[0]
         result: dict = {"settings": settings}
         if fresh:
             result["random_init"] = self.representation()
@@ -86,7 +99,9 @@ class Monitor:
         if self.rank != 0:
             return {}
         result["raw_pixels"] = pixel_baseline(self.train_set, self.test_set, k=e.knn_k)
-        path.write_text(json.dumps(result, indent=1))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, path)
         return result
 
     @torch.no_grad()

@@ -8,9 +8,11 @@ exit 0. Which signals mean "save and stop" is configurable because NCCL can swal
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -24,6 +26,24 @@ log = logging.getLogger(__name__)
 # stops after its first step instead of the signal being lost.
 _early: list[str] = []
 _early_pid: int | None = None  # the process that called catch_early
+
+
+# What Slurm sends every process of a job step: the time-limit warning (--signal) and, on scancel,
+# preemption or the hard limit, SIGTERM.
+STEP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def held(signals=STEP_SIGNALS) -> Iterator[None]:
+    """Block ``signals`` in this thread while the block runs (one that arrives meanwhile is delivered
+    after it). A child started inside keeps them blocked (CPython's subprocess passes the thread's mask
+    on), so a helper program such as ``scontrol`` or ``curl`` is never killed by them; unlike a
+    ``preexec_fn``, this keeps subprocess's cheap vfork path, which matters in a process of many GB."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def signal_from_name(name: str) -> signal.Signals:

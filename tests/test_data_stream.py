@@ -1,4 +1,6 @@
+import contextlib
 import http.server
+import io
 import itertools
 import os
 import signal
@@ -11,6 +13,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import webdataset as wds
@@ -187,13 +190,13 @@ def test_pipe_readers_survive_the_stop_signals(shard_set, workers):
 
 
 def test_a_failing_pipe_reader_is_reported_not_silently_short(shard_set):
-    """The shield must not hide a reader's real failure: a non-zero exit is one counted, named error, and
-    the samples it sent are kept."""
+    """The shield must not hide a reader's real failure: a non-zero exit is one counted, named error; the
+    samples it sent are kept but the last (which the failure may have cut short)."""
     url = expand_shards(shard_set)[0]
     whole = len(list(ShardStream(spec([url], world=1), AUG)._samples_of(iter([url]))))
     bad = f"pipe:cat {url}; exit 7"
     stream = ShardStream(spec([bad], world=1, sampling="resampled", retries=1), AUG)
-    assert len(list(stream._samples_of(iter([bad])))) == whole == 200
+    assert len(list(stream._samples_of(iter([bad])))) == whole - 1 == 199
     assert stream._errors.count == 1
 
 
@@ -209,6 +212,42 @@ def test_a_reader_that_breaks_off_is_restarted_where_it_stopped(shard_set, tmp_p
     assert all(torch.equal(a.images, b.images) for a, b in zip(plain, broken, strict=True))
     assert sum(b.skipped for b in broken) == 0
     assert len(list(tmp_path.iterdir())) >= 2  # readers did break
+
+
+def test_a_read_broken_off_inside_a_sample_never_gives_it_half_made(shard_set, tmp_path):
+    """Cut between two members of one sample (here after its .cls, before its image), with the reader
+    failing: the restarted read gives that sample whole, and the stream equals an unbroken read."""
+    url = expand_shards(shard_set)[0]
+    with tarfile.open(url) as tar:
+        members = tar.getmembers()
+    second = next(i for i, m in enumerate(members) if i and m.name.split(".")[0] != members[0].name.split(".")[0])
+    key = members[second].name.split(".")[0]
+    cut = next(m for m in members[second:] if m.name.split(".")[0] == key and m is not members[second]).offset
+    flag = tmp_path / "broke"
+    flaky = f"pipe:if [ -e {flag} ]; then cat {url}; else touch {flag}; head -c {cut} {url}; exit 1; fi"
+    plain = list(ShardStream(spec([url], world=1), AUG)._samples_of(iter([url])))
+    stream = ShardStream(spec([flaky], world=1, sampling="resampled"), AUG)
+    broken = list(stream._samples_of(iter([flaky])))
+    assert flag.exists() and stream._errors.count == 0
+    assert [sorted(k for k in x if not k.startswith("__")) for x in broken] == [
+        sorted(k for k in x if not k.startswith("__")) for x in plain
+    ]
+    assert [x["__key__"] for x in broken] == [x["__key__"] for x in plain]
+
+
+def test_a_repeated_member_costs_that_member_not_the_rest_of_the_shard(tmp_path):
+    path = tmp_path / "dup-000000.tar"
+    samples = demo_samples("train", 6)
+    with tarfile.open(path, "w") as tar:
+        for i, sample in enumerate(samples):
+            members = [("png", sample["png"]), ("cls", sample["cls"])] + ([("cls", b"9")] if i == 2 else [])
+            for ext, data in members:
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    stream = ShardStream(spec([str(path)], world=1), AUG)
+    assert len(list(stream._samples_of(iter([str(path)])))) == 6
+    assert stream._errors.count == 1
 
 
 @pytest.mark.parametrize("damage", ["zero-filled tail", "cut at a member boundary"])
@@ -304,3 +343,36 @@ def test_loader_workers_survive_a_sigterm_sent_to_the_whole_step(shard_set):
         [sys.executable, "-c", SIGTERM_FROM_SLURM, shard_set], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+ORPHANED_WORKER = """
+import sys
+from largemim.data.fast_decode import FastTrainAugment
+from largemim.data.stream import StreamSpec, build_train_loader
+
+stalled = ("pipe:sleep 120",)  # a reader that never sends anything (a stalled server)
+spec = StreamSpec((stalled,), 8, 7, 0, 1, 3, 40, "resampled", (), 1, 0)
+batches = iter(build_train_loader(spec, FastTrainAugment(16, (0.2, 1.0)), 1, 0, pin=False))
+print([w.pid for w in batches._workers][0], flush=True)
+next(batches)  # blocks for ever
+"""
+
+
+def test_a_killed_rank_leaves_no_loader_worker_behind():
+    """A rank killed outright (SIGKILL, the OOM killer) while its worker waits on a stalled reader: the
+    worker, which ignores SIGTERM from anyone but its rank, must still end by itself."""
+    rank = subprocess.Popen([sys.executable, "-c", ORPHANED_WORKER], stdout=subprocess.PIPE, text=True)
+    worker = psutil.Process(int(rank.stdout.readline()))
+    time.sleep(1.0)
+    readers = worker.children(recursive=True)
+    rank.kill()
+    rank.wait()
+    try:
+        worker.wait(timeout=20)
+    except psutil.TimeoutExpired:
+        worker.kill()
+        raise AssertionError("the orphaned loader worker was still running 20 s after its rank died") from None
+    finally:
+        for reader in readers:  # stalled and shielded: it would sleep on for two minutes
+            with contextlib.suppress(psutil.NoSuchProcess):
+                reader.kill()

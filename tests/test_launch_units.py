@@ -55,10 +55,8 @@ short 10:00 1:00:00
     [
         (None, 30, "default partition debug: DefaultTime 30:00"),
         ("debug", 30, "partition debug: DefaultTime 30:00"),
-        ("gpu", 2880, "partition gpu: no DefaultTime; MaxTime 2-00:00:00"),
-        ("long", None, "partition long: no DefaultTime; MaxTime infinite"),
-        ("gpu,short", 10, "partition short: DefaultTime 10:00"),  # a list: the shortest limit
-        ("long,gpu", 2880, "partition gpu: no DefaultTime; MaxTime 2-00:00:00"),
+        ("short", 10, "partition short: DefaultTime 10:00"),
+        ("debug,short", 10, "partition short: DefaultTime 10:00"),  # a list: the shortest limit
     ],
 )
 def test_partition_time_limit_from_sinfo(partition, minutes, source):
@@ -73,8 +71,12 @@ def test_partition_time_limit_errors_ask_for_time():
         partition_time_limit(SINFO, "nope")
     with pytest.raises(ConfigError, match="marks no default partition.*give --partition, or give --time"):
         partition_time_limit("gpu n/a 2-00:00:00\n", None)
+    # No DefaultTime: sbatch would take min(MaxTime, the QOS's MaxWall); asking for MaxTime could exceed it.
+    for partition in ("gpu", "long", "debug,gpu"):
+        with pytest.raises(ConfigError, match=r"has no DefaultTime \(MaxTime .*QOS.*give --time"):
+            partition_time_limit(SINFO, partition)
     with pytest.raises(ConfigError, match="no usable time limit.*give --time"):
-        partition_time_limit("odd* n/a n/a\n", None)
+        partition_time_limit("odd* soon n/a\n", None)
     with pytest.raises(ConfigError, match="not in sinfo's list \\(none\\)"):
         partition_time_limit("", "gpu")
 
@@ -100,14 +102,17 @@ def test_job_time_limit_order_and_failures(fake_bin, monkeypatch):
     stand_in(fake_bin, "sinfo", f"cat <<'EOF'\n{SINFO}EOF\n")
     assert job_time_limit("1-00:00:00", None) == TimeLimit(1440, "--time")
     assert job_time_limit(None, None).minutes == 30
-    assert job_time_limit(None, "long").minutes is None
-    monkeypatch.setenv("SBATCH_PARTITION", "gpu")  # sbatch would use it: so is its limit
-    assert job_time_limit(None, None).minutes == 2880
-    assert job_time_limit(None, "short").minutes == 10  # --partition wins
-    monkeypatch.setenv("SBATCH_TIMELIMIT", "2:00:00")  # wins over the script's #SBATCH --time
-    assert job_time_limit(None, None) == TimeLimit(120, "SBATCH_TIMELIMIT in the environment; --time not given")
+    with pytest.raises(ConfigError, match="'long' has no DefaultTime"):
+        job_time_limit(None, "long")
+    monkeypatch.setenv("SBATCH_PARTITION", "short")  # sbatch would use it: so is its limit
+    assert job_time_limit(None, None).minutes == 10
+    assert job_time_limit(None, "debug").minutes == 30  # --partition wins
     with pytest.raises(ConfigError, match="--time: 'soon' is not a Slurm time"):
         job_time_limit("soon", None)
+    monkeypatch.setenv("SBATCH_TIMELIMIT", "2:00:00")  # wins over the script's #SBATCH --time
+    assert job_time_limit(None, None) == TimeLimit(120, "SBATCH_TIMELIMIT in the environment; --time not given")
+    with pytest.raises(ConfigError, match="SBATCH_TIMELIMIT=2:00:00 are both set"):
+        job_time_limit("1:00:00", None)
 
     monkeypatch.delenv("SBATCH_TIMELIMIT")
     stand_in(fake_bin, "sinfo", "echo 'sinfo: error: Unable to contact slurm controller' >&2; exit 1\n")
@@ -132,10 +137,12 @@ def test_dry_run_shows_the_partition_time_limit_and_cpus_for_srun(fake_bin, shar
         f"run.dir={run}", "--nodes", "2", "--cpus-per-task", "4", "--dry-run",
     ]  # fmt: skip
 
-    assert main(args) == 0
+    assert main(args) == 2  # the default partition has no DefaultTime
+    assert "partition 'debug' has no DefaultTime (MaxTime infinite)" in capsys.readouterr().err
+    assert main([*args, "--time", "UNLIMITED"]) == 0
     out = capsys.readouterr().out
     assert "#SBATCH --time=UNLIMITED" in out and "#SBATCH --time=5" not in out
-    assert "# time limit: UNLIMITED (default partition debug: no DefaultTime; MaxTime infinite, from sinfo" in out
+    assert "# time limit: UNLIMITED (--time)" in out
     assert "then export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}; fi" in out
     assert out.index("SRUN_CPUS_PER_TASK") < out.index("srun --unbuffered")
 
@@ -147,8 +154,10 @@ def test_dry_run_shows_the_partition_time_limit_and_cpus_for_srun(fake_bin, shar
     out = capsys.readouterr().out
     assert "#SBATCH --time=120" in out and "# time limit: 120 min (--time)" in out
 
-    assert main([*args, "--sbatch-extra", "time=10"]) == 2
+    assert main([*args, "--time", "10", "--sbatch-extra", "time=10"]) == 2
     assert "use --time" in capsys.readouterr().err
+    assert main([*args, "--time", "10", "--sbatch-extra", "partition=gpu"]) == 2
+    assert "use --partition" in capsys.readouterr().err
     assert not run.exists()
 
 

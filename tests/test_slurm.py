@@ -372,12 +372,13 @@ def test_dry_run_prints_the_script_and_config_and_submits_nothing(slurm_cluster,
     assert not run.exists()
     assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == queued
 
-    assert main([*submit_args(run, shards), "--signal", "sigusr1", "--dry-run"]) == 0
+    assert main([*submit_args(run, shards), "--signal", "sigusr1", "--time", "1-00", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "#SBATCH --signal=USR1@30" in out and "export SUBMITIT_PREEMPT_SIGNAL=USR1" in out
-    # No --time: the partition's limit, from sinfo (debug: no DefaultTime, MaxTime=INFINITE), not submitit's 5.
-    assert "#SBATCH --time=UNLIMITED" in out, out
-    assert "# time limit: UNLIMITED (partition debug: no DefaultTime; MaxTime infinite, from sinfo" in out, out
+    assert "#SBATCH --time=1440" in out
+    # No --time, and this cluster's partition has no DefaultTime: asked for (submitit alone would write 5).
+    assert main([*submit_args(run, shards), "--dry-run"]) == 2
+    assert "partition 'debug' has no DefaultTime (MaxTime infinite)" in capsys.readouterr().err
 
     assert main(["--config", RECIPE, *overrides(run, shards), "optim.lrr=1", "--dry-run"]) == 2
     assert "did you mean 'optim.lr'" in capsys.readouterr().err

@@ -57,14 +57,15 @@ _lm_install() (
   touch "$stamp"
 )
 
-if _lm_install; then
+# Called on its own, not in an `if`: bash ignores `set -e` inside a command whose status is tested.
+# (A caller under `set -e`, such as tools/demo.sh, stops here if the install failed.)
+_lm_install
+_lm_status=$?
+if [ "$_lm_status" = 0 ]; then
   # shellcheck disable=SC1091
   source "$_LM_VENV/bin/activate"
   export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
   export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::FutureWarning}"
-  _lm_status=0
-else
-  _lm_status=1
 fi
 unset -f _lm_install
 unset _LM_REPO _LM_VENV

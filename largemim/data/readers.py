@@ -3,30 +3,32 @@
 A ``pipe:`` or curl reader is a child process, and Slurm signals every process of a job step: the
 time-limit warning (``--signal``, USR1/USR2) and, on ``scancel`` or preemption, SIGTERM. A reader that
 dies of one cuts its shard short, so the step the rank finishes before it saves (or every step after a
-warning it survives) trains on other samples than an uninterrupted run would. Readers therefore start
-with those signals ignored (an ignored signal stays ignored through ``exec``, and a shell may not trap
-it again); a reader still ends when its rank closes the pipe (SIGPIPE) or Slurm sends SIGKILL.
+warning it survives) trains on other samples than an uninterrupted run would. So a reader starts with
+those signals blocked (:func:`largemim.signals.held`), under a bash that also ignores them before it
+runs the command (an ignored signal stays ignored through ``exec``). bash, not sh: dash clears an
+inherited signal mask, leaving a moment before its ``trap`` runs; where there is no bash, sh is used.
+A reader still ends when its rank closes the pipe (SIGPIPE), is killed (:meth:`ShardReader.abandon`),
+or Slurm sends its final SIGKILL. No ``preexec_fn``: it would force a full fork of the (large) process
+for every shard.
 """
 
 from __future__ import annotations
 
 import contextlib
-import signal
+import shutil
 import subprocess
 from typing import IO
 
 from webdataset.gopen import gopen
 
-# Signals the rank handles itself (checkpoint.stop_signals and the requeue warning).
-SHIELDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
-_IGNORE = signal.SIG_IGN
-_set = signal.signal
+from largemim.signals import STEP_SIGNALS, held
 
-
-def _shield() -> None:
-    """Runs in the child between fork and exec: no imports, no locks, only signal(2)."""
-    for sig in SHIELDED:
-        _set(sig, _IGNORE)
+_SHELL = shutil.which("bash") or "/bin/sh"
+_IGNORE_STEP_SIGNALS = 'trap "" USR1 USR2 TERM; '
+# curl gives up on a transfer slower than 1 KiB/s for 5 minutes (a stalled server) instead of hanging
+# the reader for ever; the stream then restarts the read (data.open_retries).
+CURL = ["curl", "--connect-timeout", "30", "--retry", "30", "--retry-delay", "2", "--speed-limit", "1024",
+        "--speed-time", "300", "-f", "-s", "-L"]  # fmt: skip
 
 
 class ShardReader:
@@ -54,13 +56,16 @@ class ShardReader:
             self.proc.wait()
 
 
+def _start(argv: list[str], bufsize: int) -> ShardReader:
+    with held(STEP_SIGNALS):
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, bufsize=bufsize)
+    return ShardReader(proc.stdout, proc)
+
+
 def open_shard(url: str, bufsize: int = 1 << 16) -> ShardReader:
     """Open a shard for reading; a reader process's exit status is checked by :meth:`ShardReader.finish`."""
     if url.startswith("pipe:"):
-        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, bufsize=bufsize, preexec_fn=_shield)
-        return ShardReader(proc.stdout, proc)
+        return _start([_SHELL, "-c", _IGNORE_STEP_SIGNALS + url[5:]], bufsize)
     if url.startswith(("http://", "https://")):
-        command = ["curl", "--connect-timeout", "30", "--retry", "30", "--retry-delay", "2", "-f", "-s", "-L", url]
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, bufsize=bufsize, preexec_fn=_shield)
-        return ShardReader(proc.stdout, proc)
+        return _start([_SHELL, "-c", _IGNORE_STEP_SIGNALS + 'exec "$0" "$@"', *CURL, url], bufsize)
     return ShardReader(gopen(url))

@@ -163,41 +163,50 @@ class ShardStream(IterableDataset):
                 yield from self._shard_samples(url)
 
     def _shard_samples(self, url: str) -> Iterator[dict]:
-        """The samples of one shard, in order. A failing reader (a ``pipe:`` command or curl that cannot
-        start, exits non-zero or breaks off) is restarted up to ``open_retries`` times, skipping the
-        samples it already gave, so a transient network error changes nothing; a local file is read
-        once. What could not be read is skipped with one warning and counted (the samples the manifest
-        says are missing, else one); a shard that never gave a sample is not tried again."""
-        attempts = 1 if is_local(url) else max(1, self.spec.open_retries)
+        """The samples of one shard, in order. A failing read (a ``pipe:`` command or curl that cannot
+        start, exits non-zero or breaks off; an I/O error on a local file) is restarted up to
+        ``open_retries`` times, skipping the samples already given, so a transient error changes nothing.
+        Each sample is given only once the next one has begun, and the last only once the read ended
+        well: a read broken off between two members of a sample never gives that sample half-made. A
+        damaged tar (not an I/O error) is not read again. What could not be read is skipped with one
+        warning and counted (the samples the manifest says are missing, else one); a shard that never
+        gave a sample is not tried again."""
+        attempts = max(1, self.spec.open_retries)
         expected = self.spec.expected.get(url)
         given, error = 0, None
         for attempt in range(1, attempts + 1):
             if attempt > 1:
                 time.sleep(min(2.0 ** (attempt - 2), 10.0))
-            reader, read = None, 0
+            reader, read, held = None, 0, None
             try:
                 reader = open_shard(url)
                 files = wds.tariterators.tar_file_iterator(reader.stream, handler=wds.reraise_exception)
-                for sample in wds.tariterators.group_by_keys(_tagged(files, url), handler=wds.reraise_exception):
+                # A member repeated within a sample is skipped and counted; the rest of the shard is read.
+                for sample in wds.tariterators.group_by_keys(_tagged(files, url), handler=self._errors):
                     read += 1
-                    if read > given:
-                        given = read
-                        yield sample
+                    if read <= given:
+                        continue  # a restarted read: given before
+                    if held is not None:
+                        given += 1
+                        yield held
+                    held = sample
                 reader.finish()  # a reader's exit status, once it has sent everything
+                if held is not None:
+                    given += 1
+                    yield held
                 reader, error = None, None
                 break
             except Exception as exn:  # noqa: BLE001 - any read failure is retried, then skipped and counted
                 error = exn
                 log.info("shard %s: attempt %d of %d failed after %d samples: %s", url, attempt, attempts, read, exn)
+                if is_local(url) and not isinstance(exn, OSError):
+                    break  # a damaged file reads the same way again
             finally:
                 if reader is not None:
                     reader.abandon()  # stopped early (failure, or the lane moved on): end the reader now
         if error is not None:
             missing = expected - given if expected is not None and expected > given else 1
-            why = f"after {attempts} attempts" if attempts > 1 else "once"
-            self._errors.add(
-                missing, f"shard {url}: read {given} samples, then failed {why} ({error}); the rest is skipped"
-            )
+            self._errors.add(missing, f"shard {url}: read {given} samples, then failed ({error}); the rest is skipped")
             if given == 0:
                 self._dead.add(url)
         elif expected is not None and given < expected:
@@ -365,12 +374,16 @@ def _worker_signals(rank_pid: int, worker_id: int) -> None:
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
-    senders = {rank_pid, os.getppid()}
-    threading.Thread(target=_take_sigterm, args=(senders,), name="largemim-sigterm", daemon=True).start()
+    parent = os.getppid()
+    args = ({rank_pid, parent}, parent)
+    threading.Thread(target=_take_sigterm, args=args, name="largemim-sigterm", daemon=True).start()
 
 
-def _take_sigterm(senders: set[int]) -> None:
+def _take_sigterm(senders: set[int], parent: int) -> None:
     while True:
-        info = signal.sigwaitinfo({signal.SIGTERM})
-        if info.si_pid in senders:
+        info = signal.sigtimedwait({signal.SIGTERM}, 5.0)
+        if info is None:
+            if os.getppid() != parent:  # the rank died (SIGKILL, OOM): nothing left to feed; end now
+                os._exit(0)
+        elif info.si_pid in senders:
             os._exit(0)  # as torch's worker handler does: the rank is ending this worker

@@ -89,6 +89,16 @@ def job_state(job_id: str) -> str:
 
 def requeue(job_id: str) -> None:
     """Put this (running) job back in the queue: Slurm ends it now and starts it again with the same id."""
-    proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    from largemim.signals import held
+
+    with held():  # the requeue makes Slurm SIGTERM the job: scontrol must still exit with its own status
+        proc = subprocess.Popen(
+            ["scontrol", "requeue", job_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise RuntimeError(f"'scontrol requeue {job_id}' did not answer in 60 s") from None
     if proc.returncode != 0:
-        raise RuntimeError(f"'scontrol requeue {job_id}' failed ({proc.returncode}): {proc.stderr.strip()}")
+        raise RuntimeError(f"'scontrol requeue {job_id}' failed ({proc.returncode}): {stderr.strip()}")

@@ -8,8 +8,8 @@
 One job runs ``nodes x tasks_per_node`` tasks, one rank each, training in-process. The config is
 resolved and checked here, on the login node, before anything is queued. submitit's files (the pickled
 call, one log per task) go to ``RUN_DIR/slurm/``, with ``chain.jsonl``, the run's record of its jobs.
-Without ``--time`` the job gets its partition's DefaultTime (or MaxTime), read with ``sinfo``
-(largemim/launch/time_limit.py): submitit would otherwise ask for 5 minutes.
+Without ``--time`` the job gets its partition's DefaultTime, read with ``sinfo`` (a partition without one
+needs ``--time``; largemim/launch/time_limit.py): submitit would otherwise ask for 5 minutes.
 
 Time limits and preemption: Slurm sends ``--signal`` (default USR2) ``--signal-delay-s`` seconds before
 the time limit (or when an admin or a preemption script sends it). Every rank stops after the same
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     res.add_argument(
         "--time", default=None,
         help="time limit: minutes, or Slurm's D-HH:MM:SS (and its other forms), or UNLIMITED (default: the "
-        "partition's DefaultTime, or its MaxTime if it has none, read with sinfo)",
+        "partition's DefaultTime, read with sinfo; required where the partition has none)",
     )  # fmt: skip
     res.add_argument("--exclusive", action="store_true")
     res.add_argument("--job-name", default=None, help="default: largemim-<name of run.dir>")
@@ -175,8 +175,10 @@ def prepare(args: argparse.Namespace) -> Prepared:
         key = key.strip().lstrip("-")
         if not key:
             raise ConfigError(f"--sbatch-extra {item!r}: expected KEY=VALUE or KEY (e.g. mail-type=END)")
-        if key == "time":
+        if key in ("time", "t"):
             raise ConfigError(f"--sbatch-extra {item!r}: use --time (minutes, D-HH:MM:SS or UNLIMITED)")
+        if key in ("partition", "p"):
+            raise ConfigError(f"--sbatch-extra {item!r}: use --partition (the time limit is looked up for it)")
         extra[key.replace("_", "-")] = value if eq else True
     params: dict = {
         "job_name": args.job_name or f"largemim-{run_dir.name}",

@@ -65,7 +65,7 @@ def partition_time_limit(sinfo_out: str, partition: str | None) -> TimeLimit:
     """The limit a job gets in ``partition`` (None: the default one, marked '*') from ``sinfo`` output.
 
     ``sinfo_out`` has one ``NAME[*] DEFAULTTIME MAXTIME`` line per partition (:data:`SINFO`). A partition
-    without a DefaultTime gives its MaxTime. For a list (``--partition a,b``, the job runs in whichever
+    without a DefaultTime is an error asking for ``--time``. For a list (``--partition a,b``, the job runs in whichever
     starts it first) the shortest limit is taken, so it is valid in each.
     """
     table: dict[str, tuple[str, str]] = {}
@@ -97,11 +97,16 @@ def partition_time_limit(sinfo_out: str, partition: str | None) -> TimeLimit:
                 f"check --partition, or {ASK_FOR_TIME}"
             )
         default_time, max_time = table[name]
+        if default_time.lower() == "n/a":
+            # sbatch would give such a job the smaller of the partition's MaxTime and its QOS's MaxWall;
+            # asking for MaxTime outright can exceed the QOS and leave the job pending for ever.
+            raise ConfigError(
+                f"--time not given and {how} {name!r} has no DefaultTime (MaxTime {max_time}); without one "
+                f"sbatch takes the QOS's or the partition's maximum, which largemim cannot read reliably: "
+                f"{ASK_FOR_TIME}"
+            )
         try:
-            if default_time.lower() != "n/a":
-                minutes, what = parse_slurm_time(default_time), f"DefaultTime {default_time}"
-            else:
-                minutes, what = parse_slurm_time(max_time), f"no DefaultTime; MaxTime {max_time}"
+            minutes, what = parse_slurm_time(default_time), f"DefaultTime {default_time}"
         except ValueError:
             raise ConfigError(
                 f"--time not given and sinfo gives {how} {name!r} no usable time limit "
@@ -114,13 +119,18 @@ def partition_time_limit(sinfo_out: str, partition: str | None) -> TimeLimit:
 
 def job_time_limit(time_arg: str | None, partition: str | None) -> TimeLimit:
     """The limit to pass to sbatch: ``--time``, else SBATCH_TIMELIMIT, else the partition's (``sinfo``)."""
+    # sbatch reads these from the environment and they win over the script's #SBATCH lines.
+    env_time = os.environ.get("SBATCH_TIMELIMIT")
     if time_arg is not None:
+        if env_time:
+            raise ConfigError(
+                f"--time {time_arg} and SBATCH_TIMELIMIT={env_time} are both set, and sbatch would take "
+                "SBATCH_TIMELIMIT: unset it, or leave out --time"
+            )
         try:
             return TimeLimit(parse_slurm_time(time_arg), "--time")
         except ValueError as e:
             raise ConfigError(f"--time: {e}") from None
-    # sbatch reads these from the environment and they win over the script's #SBATCH lines.
-    env_time = os.environ.get("SBATCH_TIMELIMIT")
     if env_time:
         try:
             return TimeLimit(parse_slurm_time(env_time), "SBATCH_TIMELIMIT in the environment; --time not given")
