@@ -95,7 +95,7 @@ class DataConfig:
     # fast: crop chosen from the header, JPEG decoded at reduced scale in the workers | reference: full PIL
     # decode | device: JPEGs decoded, cropped and resized on the training GPU (nvJPEG), see data/device_decode.py
     decode: str = "fast"
-    open_retries: int = 3  # reads of a pipe:/http shard whose reader fails (resumed where it broke off)
+    open_retries: int = 3  # reads in all of a shard whose read fails (a pipe:/http reader, a local I/O error)
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)

@@ -68,6 +68,12 @@ lm_srun() {
     if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
         export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}
     fi
+    # sbatch hands the submitting shell's environment on: tools/setup_env.sh's DS_ACCELERATOR=cpu would
+    # keep a job with GPUs on the CPU.
+    if [[ ${DS_ACCELERATOR:-} == cpu && -n ${SLURM_GPUS_ON_NODE:-}${SLURM_JOB_GPUS:-}${SLURM_GPUS_PER_NODE:-} ]]; then
+        lm_log "unsetting DS_ACCELERATOR=cpu (from the submitting shell): this job has GPUs"
+        unset DS_ACCELERATOR
+    fi
     srun "$@" &
     local pid=$! status
     LM_STATUS=""

@@ -125,7 +125,7 @@ def test_job_time_limit_order_and_failures(fake_bin, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ dry run
-def test_dry_run_shows_the_partition_time_limit_and_cpus_for_srun(fake_bin, shard_set, tmp_path, capsys):
+def test_dry_run_shows_the_partition_time_limit_and_cpus_for_srun(fake_bin, shard_set, tmp_path, capsys, monkeypatch):
     """Without --time the script asks for the partition's limit (submitit alone would write 5 minutes)."""
     from largemim.launch.submit import main
 
@@ -153,6 +153,12 @@ def test_dry_run_shows_the_partition_time_limit_and_cpus_for_srun(fake_bin, shar
     assert main([*args, "--time", "2:00:00"]) == 0
     out = capsys.readouterr().out
     assert "#SBATCH --time=120" in out and "# time limit: 120 min (--time)" in out
+    assert "unset DS_ACCELERATOR" not in out  # a CPU job keeps the submitting shell's CPU setting
+
+    # tools/setup_env.sh exports DS_ACCELERATOR=cpu, and sbatch hands it on: a GPU job drops it.
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert main([*args, "--time", "2:00:00", "--gpus-per-node", "2", "train.global_batch=0"]) == 0
+    assert "unset DS_ACCELERATOR" in capsys.readouterr().out
 
     assert main([*args, "--time", "10", "--sbatch-extra", "time=10"]) == 2
     assert "use --time" in capsys.readouterr().err

@@ -30,8 +30,9 @@ leaves the rest unread this epoch: each sample is read exactly once per epoch on
 dealt the same number of samples (equal-size shards, a multiple of ranks x lanes of them), otherwise
 nearly so.
 
-A ``pipe:``/``http`` reader that fails is restarted up to ``open_retries`` times, skipping the samples it
-already gave (the stream stays exact); then the rest of the shard is skipped with a warning naming it.
+A read that fails (a ``pipe:``/``http`` reader, an I/O error on a local file) is tried ``open_retries``
+times in all, skipping the samples already given (the stream stays exact); then the rest of the shard is
+skipped with a warning naming it.
 A truncated tar is read up to the damage, and a shard shorter than its manifest says is counted as
 truncated; an undecodable member is skipped and counted.
 """

@@ -2,7 +2,7 @@
 
 submitit always writes a ``#SBATCH --time`` line (5 minutes when it is not told a value), so a job
 cannot be left to the partition's default by saying nothing. Without ``--time``, ``largemim-submit``
-asks ``sinfo`` for the partition's DefaultTime (its MaxTime when it has none) and passes that.
+asks ``sinfo`` for the partition's DefaultTime and passes that; a partition without one needs ``--time``.
 """
 
 from __future__ import annotations
