@@ -218,6 +218,29 @@ def test_preempted_job_is_requeued_and_matches_uninterrupted_run(reference, shar
     assert_same_losses(run, reference)
 
 
+@on_cluster
+def test_a_requeue_by_slurm_itself_is_followed_not_fought(reference, shards, tmp_path):
+    """Slurm's own requeue (preemption in REQUEUE mode, a node failure, an admin's scontrol requeue)
+    SIGTERMs the job: the ranks save, see that Slurm has requeued the job already (its restart count is
+    past theirs) and leave without a result, so the chain says requeued and the next run finishes."""
+    import submitit
+
+    run = tmp_path / "run"
+    job_id = submit(submit_args(run, shards, "--time", "10"))
+    wait_for_steps(run, 30, 240, run / "slurm")
+    subprocess.run(["scontrol", "requeue", job_id], check=True)  # what slurmctld does on preemption
+    assert wait_until_ended(job_id, 300, run / "slurm") == "COMPLETED", tail_logs(run / "slurm")
+
+    events = chain_events(run)
+    assert [e["event"] for e in events] == ["submitted", "started", "requeued", "started", "finished"], events
+    assert "Slurm requeued the job" in events[2]["reason"], events[2]
+    (stop,) = assert_resumed_where_stopped(events)
+    assert 30 <= stop < STEPS
+    results = submitit.SlurmJob(run / "slurm", job_id, tasks=[0, 1]).results()
+    assert [r["end_step"] for r in results] == [STEPS, STEPS]
+    assert_same_losses(run, reference)
+
+
 @pytest.fixture(scope="module")
 def time_limit_job(slurm_cluster, shards, tmp_path_factory) -> tuple[str, Path]:
     """A real 1-minute limit. slurmctld checks limits every 30 s: with --signal-delay-s 5 the warning (USR2)

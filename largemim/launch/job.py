@@ -104,6 +104,16 @@ class TrainJob:
             return summary
 
         requeue, reason = self._decide(task, rank)
+        if requeue is None:  # already requeued by Slurm: leave without a result, as after our own requeue
+            if rank == 0:
+                chain.record(
+                    slurm_dir, "requeued", job_id=task.job_id, step=step, total_steps=summary["total_steps"],
+                    reason=reason,
+                )  # fmt: skip
+                log.warning("saved step %d; %s", step, reason)
+            _leave_process_group()
+            exit_status.code = EXIT_REQUEUED
+            sys.exit(EXIT_REQUEUED)
         if requeue:
             error = self._requeue(task, rank, step, summary["total_steps"], reason)
             _leave_process_group()  # only once the requeue is done: see 4. above
@@ -125,14 +135,20 @@ class TrainJob:
             )
         raise JobStopped(message)
 
-    def _decide(self, task, rank: int) -> tuple[bool, str]:
-        """Rank 0 decides whether to requeue; every rank gets the same answer."""
-        from largemim.launch.slurm_env import job_state
+    def _decide(self, task, rank: int) -> tuple[bool | None, str]:
+        """Rank 0 decides whether to requeue; every rank gets the same answer. ``None``: Slurm has
+        requeued the job itself (preemption in REQUEUE mode, a node failure, an admin's ``scontrol
+        requeue``): its restart count is already past this run's, and its state is no longer RUNNING."""
+        from largemim.launch.slurm_env import job_fields
 
         decision: list = [None]
         if rank == 0:
-            state = job_state(task.job_id)
-            if state != "RUNNING":
+            fields = job_fields(task.job_id)
+            state = fields.get("JobState", "UNKNOWN")
+            restarts = int(fields["Restarts"]) if fields.get("Restarts", "").isdigit() else task.restarts
+            if state != "RUNNING" and restarts > task.restarts:
+                decision[0] = (None, f"Slurm requeued the job (JobState {state}, restart {restarts})")
+            elif state != "RUNNING":
                 decision[0] = (False, f"the job is {state} (cancelled, or ended by Slurm), so it is not requeued")
             elif task.restarts >= self.max_requeues:
                 cap = f"--max-requeues {self.max_requeues}"

@@ -75,16 +75,18 @@ def check_gpu_binding(task: SlurmTask) -> None:
 
 def job_state(job_id: str) -> str:
     """The job's state as slurmctld sees it now (RUNNING, COMPLETING, ...), or UNKNOWN."""
+    return job_fields(job_id).get("JobState", "UNKNOWN")
+
+
+def job_fields(job_id: str) -> dict[str, str]:
+    """``scontrol show job``'s KEY=VALUE fields (JobState, Restarts, ...); {} if it cannot tell."""
     try:
         out = subprocess.run(
             ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
-        return "UNKNOWN"
-    for word in out.split():
-        if word.startswith("JobState="):
-            return word.split("=", 1)[1]
-    return "UNKNOWN"
+        return {}
+    return dict(word.split("=", 1) for word in out.split() if "=" in word)
 
 
 def requeue(job_id: str) -> None:
