@@ -79,9 +79,11 @@ class Monitor:
         if self.rank == 0 and path.exists():
             try:
                 kept[0] = json.loads(path.read_text())
-            except ValueError:
-                log.warning("%s is unreadable (a run killed while writing it?): computing it again", path)
-            if kept[0] is not None and kept[0].get("settings", settings) != settings:
+            except (OSError, ValueError) as e:
+                log.warning("%s is unreadable (%s): computing it again", path, e)
+            if not isinstance(kept[0], dict):
+                kept[0] = None
+            elif kept[0].get("settings", settings) != settings:
                 log.info("%s was computed with other eval settings: computing it again", path)
                 kept[0] = None
         if dist.is_initialized() and dist.get_world_size() > 1:

@@ -248,6 +248,14 @@ def test_a_repeated_member_costs_that_member_not_the_rest_of_the_shard(tmp_path)
     stream = ShardStream(spec([str(path)], world=1), AUG)
     assert len(list(stream._samples_of(iter([str(path)])))) == 6
     assert stream._errors.count == 1
+    # A read that breaks off after the repeated member and is restarted replays it: still counted once.
+    with tarfile.open(path) as tar:
+        cut = [m for m in tar.getmembers() if m.name.startswith(samples[4]["__key__"])][0].offset
+    flag = tmp_path / "broke"
+    flaky = f"pipe:if [ -e {flag} ]; then cat {path}; else touch {flag}; head -c {cut} {path}; exit 1; fi"
+    stream = ShardStream(spec([flaky], world=1, sampling="resampled"), AUG)
+    assert len(list(stream._samples_of(iter([flaky])))) == 6 and flag.exists()
+    assert stream._errors.count == 1
 
 
 @pytest.mark.parametrize("damage", ["zero-filled tail", "cut at a member boundary"])
@@ -301,6 +309,51 @@ def test_http_shards_stream_through_a_shielded_curl(shard_set):
         assert sum(b.skipped for b in fetched) == 0
     finally:
         server.shutdown()
+
+
+def test_a_stalled_http_transfer_is_restarted_not_spliced(shard_set, monkeypatch):
+    """A server that stalls mid-body: curl gives up (speed limit) and the stream restarts the read,
+    skipping what it has. (With curl's own --retry, curl resent the whole body behind the part it had
+    already written: a spliced shard, samples lost without a count.)"""
+    from largemim.data import readers
+
+    url = expand_shards(shard_set)[0]
+    body = Path(url).read_bytes()
+    requests = []
+
+    class StallOnce(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server hook's name
+            requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if len(requests) == 1:
+                self.wfile.write(body[: len(body) // 3])
+                self.wfile.flush()
+                release.wait(60)  # stalled, with the connection open, until the test ends
+                return
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    fast = [a if a != "300" else "2" for a in readers.CURL]  # give up after 2 s below 1 KiB/s
+    monkeypatch.setattr(readers, "CURL", fast)
+    release = threading.Event()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StallOnce)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        web = f"http://127.0.0.1:{server.server_port}/{Path(url).name}"
+        plain = list(ShardStream(spec([url], world=1), AUG)._samples_of(iter([url])))
+        stream = ShardStream(spec([web], world=1, sampling="resampled"), AUG)
+        got = list(stream._samples_of(iter([web])))
+    finally:
+        release.set()
+        server.shutdown()
+    assert len(requests) == 2 and stream._errors.count == 0
+    assert [x["__key__"] for x in got] == [x["__key__"] for x in plain]
+    assert all(a["png"] == b["png"] for a, b in zip(got, plain, strict=True))
 
 
 def test_an_unreadable_url_scheme_is_refused_with_the_pipe_form():

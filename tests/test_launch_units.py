@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -106,15 +107,17 @@ def test_job_time_limit_order_and_failures(fake_bin, monkeypatch):
         job_time_limit(None, "long")
     monkeypatch.setenv("SBATCH_PARTITION", "short")  # sbatch would use it: so is its limit
     assert job_time_limit(None, None).minutes == 10
-    assert job_time_limit(None, "debug").minutes == 30  # --partition wins
+    assert job_time_limit(None, "short").minutes == 10  # the same partition both ways is fine
     with pytest.raises(ConfigError, match="--time: 'soon' is not a Slurm time"):
         job_time_limit("soon", None)
     monkeypatch.setenv("SBATCH_TIMELIMIT", "2:00:00")  # wins over the script's #SBATCH --time
     assert job_time_limit(None, None) == TimeLimit(120, "SBATCH_TIMELIMIT in the environment; --time not given")
     with pytest.raises(ConfigError, match="SBATCH_TIMELIMIT=2:00:00 are both set"):
         job_time_limit("1:00:00", None)
-
     monkeypatch.delenv("SBATCH_TIMELIMIT")
+    with pytest.raises(ConfigError, match="--partition debug and SBATCH_PARTITION=short are both set"):
+        job_time_limit(None, "debug")
+
     stand_in(fake_bin, "sinfo", "echo 'sinfo: error: Unable to contact slurm controller' >&2; exit 1\n")
     with pytest.raises(ConfigError, match=r"failed \(1: sinfo: error: Unable to contact.*give --time"):
         job_time_limit(None, None)
@@ -153,12 +156,16 @@ def test_dry_run_shows_the_partition_time_limit_and_cpus_for_srun(fake_bin, shar
     assert main([*args, "--time", "2:00:00"]) == 0
     out = capsys.readouterr().out
     assert "#SBATCH --time=120" in out and "# time limit: 120 min (--time)" in out
-    assert "unset DS_ACCELERATOR" not in out  # a CPU job keeps the submitting shell's CPU setting
-
-    # tools/setup_env.sh exports DS_ACCELERATOR=cpu, and sbatch hands it on: a GPU job drops it.
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    assert main([*args, "--time", "2:00:00", "--gpus-per-node", "2", "train.global_batch=0"]) == 0
-    assert "unset DS_ACCELERATOR" in capsys.readouterr().out
+    # tools/setup_env.sh exports DS_ACCELERATOR=cpu, and sbatch hands it on: a job that has GPUs drops it
+    # (decided in the job, where Slurm says what it got: --gpus-per-node or a gres given through extras).
+    line = next(ln for ln in out.splitlines() if "unset DS_ACCELERATOR" in ln)
+    for env, kept in [({}, "cpu"), ({"SLURM_JOB_GPUS": "0,1"}, ""), ({"SLURM_GPUS_ON_NODE": "8"}, "")]:
+        shell = subprocess.run(
+            ["bash", "-c", line + '; echo "${DS_ACCELERATOR:-}"'], env={"PATH": os.environ["PATH"],
+            "DS_ACCELERATOR": "cpu", **env}, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert shell.stdout.strip() == kept, (env, shell.stdout)
+    assert out.index("unset DS_ACCELERATOR") < out.index("srun --unbuffered")
 
     assert main([*args, "--time", "10", "--sbatch-extra", "time=10"]) == 2
     assert "use --time" in capsys.readouterr().err

@@ -26,9 +26,10 @@ from largemim.signals import STEP_SIGNALS, held
 _SHELL = shutil.which("bash") or "/bin/sh"
 _IGNORE_STEP_SIGNALS = 'trap "" USR1 USR2 TERM; '
 # curl gives up on a transfer slower than 1 KiB/s for 5 minutes (a stalled server) instead of hanging
-# the reader for ever; the stream then restarts the read (data.open_retries).
-CURL = ["curl", "--connect-timeout", "30", "--retry", "30", "--retry-delay", "2", "--speed-limit", "1024",
-        "--speed-time", "300", "-f", "-s", "-L"]  # fmt: skip
+# the reader for ever. No curl --retry: after part of the body has gone down the pipe, curl would send
+# the whole body again behind it (a shard spliced from two reads); the stream restarts the read itself
+# and skips what it already has (data.open_retries).
+CURL = ["curl", "--connect-timeout", "30", "--speed-limit", "1024", "--speed-time", "300", "-f", "-s", "-L"]
 
 
 class ShardReader:

@@ -179,11 +179,16 @@ class ShardStream(IterableDataset):
             if attempt > 1:
                 time.sleep(min(2.0 ** (attempt - 2), 10.0))
             reader, read, held = None, 0, None
+
+            def repeated_member(exn: Exception) -> bool:
+                # A member repeated within a sample is skipped and counted (once: not again while a
+                # restarted read replays the samples already given); the rest of the shard is read.
+                return self._errors(exn) if read >= given else True  # noqa: B023 - the current counts
+
             try:
                 reader = open_shard(url)
                 files = wds.tariterators.tar_file_iterator(reader.stream, handler=wds.reraise_exception)
-                # A member repeated within a sample is skipped and counted; the rest of the shard is read.
-                for sample in wds.tariterators.group_by_keys(_tagged(files, url), handler=self._errors):
+                for sample in wds.tariterators.group_by_keys(_tagged(files, url), handler=repeated_member):
                     read += 1
                     if read <= given:
                         continue  # a restarted read: given before

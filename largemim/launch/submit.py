@@ -156,10 +156,12 @@ def prepare(args: argparse.Namespace) -> Prepared:
         setup.append(f"export PYTHONPATH={shlex.quote(str(root))}${{PYTHONPATH:+:$PYTHONPATH}}")
     if args.cpus_per_task:
         setup.append(f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{args.cpus_per_task}}}")
-    if args.gpus_per_node and os.environ.get("DS_ACCELERATOR", "").lower() == "cpu":
-        # sbatch hands the submitting shell's environment on: tools/setup_env.sh's CPU setting would
-        # keep a GPU job on the CPU.
-        setup.append("unset DS_ACCELERATOR  # exported by the submitting shell (tools/setup_env.sh)")
+    # sbatch hands the submitting shell's environment on: tools/setup_env.sh's DS_ACCELERATOR=cpu would
+    # keep a job with GPUs (--gpus-per-node, or --sbatch-extra gres=gpu:N) on the CPU.
+    setup.append(
+        'if [ "${DS_ACCELERATOR:-}" = cpu ] && [ -n "${SLURM_JOB_GPUS:-}${SLURM_GPUS_ON_NODE:-}'
+        '${SLURM_GPUS_PER_NODE:-}" ]; then unset DS_ACCELERATOR; fi'
+    )
     # Slurm 22.05-23.02: srun no longer takes --cpus-per-task from the job (restored in 23.11), so each
     # task would get 1 CPU under task/affinity or task/cgroup binding; SRUN_CPUS_PER_TASK hands it on.
     setup.append(

@@ -136,7 +136,13 @@ def job_time_limit(time_arg: str | None, partition: str | None) -> TimeLimit:
             return TimeLimit(parse_slurm_time(env_time), "SBATCH_TIMELIMIT in the environment; --time not given")
         except ValueError as e:
             raise ConfigError(f"SBATCH_TIMELIMIT: {e}") from None
-    partition = partition or os.environ.get("SBATCH_PARTITION") or None
+    env_partition = os.environ.get("SBATCH_PARTITION")
+    if partition and env_partition and env_partition != partition:
+        raise ConfigError(
+            f"--partition {partition} and SBATCH_PARTITION={env_partition} are both set, and sbatch would "
+            "take SBATCH_PARTITION: unset it, or leave out --partition"
+        )
+    partition = partition or env_partition or None
     try:
         proc = subprocess.run(SINFO, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
