@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from largemim.signals import held
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +77,6 @@ def _converted_from(out: Path, meta: dict) -> bool:
     except (FileNotFoundError, json.JSONDecodeError):  # not there yet, or being replaced by rank 0
         return False
     return done.get("saved_at") == meta.get("saved_at") and done.get("world_size") == meta.get("world_size")
-
-
-def _ignore_stop_signals() -> None:
-    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
 
 
 class Checkpointer:
@@ -151,12 +147,13 @@ class Checkpointer:
         cached listing): they would load different steps. A rank that does not yet see rank 0's pick
         waits for it, then fails with a message naming the folder.
         """
+        from largemim.distributed import broadcast_from_rank0  # here: the converters import this module
+
         self._agreed = None
         found = self.latest() if self.rank == 0 else None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            box = [None if found is None else found[0]]  # the step: rank 0's path may not be another node's
-            dist.broadcast_object_list(box, src=0)
-            found = None if box[0] is None else (box[0], self.dir / tag_for(box[0]))
+        box = [None if found is None else found[0]]  # the step: rank 0's path may not be another node's
+        broadcast_from_rank0(box)
+        found = None if box[0] is None else (box[0], self.dir / tag_for(box[0]))
         if found is not None:
             deadline = time.time() + wait_s
             while not (found[1] / MARKER).is_file():
@@ -228,9 +225,10 @@ class Checkpointer:
         ]  # fmt: skip
         t0 = time.time()
         failed.unlink(missing_ok=True)
-        # The stop signals are ignored in the converter: Slurm signals every process of the job, and this
-        # rank records the signal and stops after its first step.
-        proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_ignore_stop_signals)
+        # The stop signals never reach the converter (held: Slurm signals every process of the job); this
+        # rank takes one that came meanwhile when the conversion is done, and stops after its first step.
+        with held():
+            proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(
                 f"converting {folder} to the universal format failed ({proc.returncode}):\n{proc.stderr[-3000:]}"

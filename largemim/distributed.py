@@ -28,6 +28,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def broadcast_from_rank0(objects: list) -> None:
+    """Replace ``objects``' items on every rank with rank 0's (nothing to do in a world of one)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(objects, src=0)
+
+
 def cuda_wanted() -> bool:
     """A CUDA device is visible and ``DS_ACCELERATOR`` does not ask for the CPU."""
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "").lower() != "cpu"

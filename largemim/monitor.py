@@ -12,11 +12,11 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torchvision.utils import save_image
 
 from largemim.config import Config
 from largemim.data.augment import EvalTransform
+from largemim.distributed import broadcast_from_rank0
 from largemim.evaluation.represent import LabelledSet, check_encoder, load_labelled, pixel_baseline
 from largemim.visualize import reconstruction_grid
 
@@ -86,13 +86,10 @@ class Monitor:
             elif kept[0].get("settings", settings) != settings:
                 log.info("%s was computed with other eval settings: computing it again", path)
                 kept[0] = None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            decision = [kept[0] is not None]
-            dist.broadcast_object_list(decision, src=0)
-            if decision[0]:
-                return kept[0] if self.rank == 0 else {}
-        elif kept[0] is not None:
-            return kept[0]
+        decision = [kept[0] is not None]
+        broadcast_from_rank0(decision)
+        if decision[0]:
+            return kept[0] if self.rank == 0 else {}
         result: dict = {"settings": settings}
         if fresh:
             result["random_init"] = self.representation()

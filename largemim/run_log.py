@@ -20,6 +20,21 @@ def setup_console(rank: int) -> None:
     )
 
 
+def metrics_records(text: str) -> tuple[list[tuple[str, dict]], int]:
+    """metrics.jsonl's lines with their records, and how many lines were torn (a run killed while
+    writing can leave a partial or zero-filled line): those are left out."""
+    records, torn = [], 0
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            torn += bool(line.strip("\x00 \t"))
+            continue
+        if isinstance(record, dict):
+            records.append((line, record))
+    return records, torn
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
@@ -65,15 +80,8 @@ class RunLog:
         crash during the rewrite leaves the old file."""
         if not self.metrics_path.exists():
             return
-        kept, torn = [], 0
-        for line in self.metrics_path.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                torn += bool(line.strip("\x00 \t"))
-                continue
-            if isinstance(record, dict) and record.get("step", 0) <= step:
-                kept.append(line)
+        records, torn = metrics_records(self.metrics_path.read_text(errors="replace"))
+        kept = [line for line, record in records if record.get("step", 0) <= step]
         if torn:
             log.warning("%s: dropped %d unreadable line(s) (a run killed while writing)", self.metrics_path, torn)
         tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")

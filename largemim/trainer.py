@@ -15,7 +15,7 @@ from largemim.config import Config, ConfigError, make_plan, save_resolved
 from largemim.data.augment import Normalise, TrainAugment
 from largemim.data.device_decode import DeviceDecodeAugment, EncodedImages
 from largemim.data.fast_decode import FastTrainAugment
-from largemim.data.sources import count_samples, expand_shards, manifest_counts, split_sets
+from largemim.data.sources import expand_shards, manifest_counts, sample_counts, split_sets
 from largemim.data.stream import StreamSpec, build_train_loader, check_exact_split
 from largemim.distributed import DistEnv
 from largemim.engine import build_engine, build_model, load_ds_json, reapply_optim_config
@@ -105,7 +105,9 @@ def train(cfg: Config, env: DistEnv) -> dict:
     """Run (or resume) the configured training to its end or to a stop request. Returns a summary."""
     sets = [expand_shards(pattern) for pattern in split_sets(cfg.data.shards)]
     urls = [u for s in sets for u in s]
-    num_samples = cfg.data.num_samples or count_samples(urls)
+    # samples per shard (each manifest read once): all of them when the epoch length comes from them
+    expected = manifest_counts(urls) if cfg.data.num_samples else sample_counts(urls)
+    num_samples = cfg.data.num_samples or sum(expected[u] for u in urls)
     plan = make_plan(cfg, env.world_size, num_samples)
     lanes = cfg.data.lanes or max(1, cfg.data.workers)  # sample streams per rank (see data/stream.py)
     if cfg.data.sampling == "exact":
@@ -181,7 +183,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
     spec = StreamSpec(
         tuple(tuple(s) for s in sets), cfg.train.micro_batch, plan.micro_batches_per_epoch, env.rank,
         env.world_size, cfg.run.seed, d.shuffle_buffer, d.sampling, tuple(d.weights), d.open_retries, d.lanes,
-        manifest_counts(urls),
+        expected,
     )  # fmt: skip
     loader = iter(build_train_loader(spec, augment, cfg.data.workers, start * ga, env.device.type == "cuda"))
     stopper = StopOnSignal(list(cfg.checkpoint.stop_signals), env.device)

@@ -35,6 +35,12 @@ def spec(urls, rank=0, world=2, mb=8, per_epoch=7, seed=3, sampling="exact", set
     )
 
 
+def breaks_once(path, cut, flag) -> str:
+    """A pipe: URL whose first read sends ``cut`` bytes of the shard and fails (leaving ``flag``), and whose
+    later reads send it whole: a connection dropped once."""
+    return f"pipe:if [ -e {flag} ]; then cat {path}; else touch {flag}; head -c {cut} {path}; exit 1; fi"
+
+
 def take(urls, n, start=0, workers=0, aug=AUG, **kw):
     loader = build_train_loader(spec(urls, **kw), aug, workers, start, pin=False)
     return list(itertools.islice(iter(loader), n))
@@ -204,10 +210,7 @@ def test_a_reader_that_breaks_off_is_restarted_where_it_stopped(shard_set, tmp_p
     """A transient failure in the middle of a shard (a dropped connection) restarts the reader and skips
     what it had already sent: the stream is the same as an unbroken read, and nothing is counted."""
     urls = expand_shards(shard_set)
-    flaky = [
-        f"pipe:if [ -e {tmp_path}/{i} ]; then cat {u}; else touch {tmp_path}/{i}; head -c 30000 {u}; exit 1; fi"
-        for i, u in enumerate(urls)
-    ]
+    flaky = [breaks_once(u, 30000, tmp_path / str(i)) for i, u in enumerate(urls)]
     plain, broken = take(urls, 8, world=1), take(flaky, 8, world=1)
     assert all(torch.equal(a.images, b.images) for a, b in zip(plain, broken, strict=True))
     assert sum(b.skipped for b in broken) == 0
@@ -224,7 +227,7 @@ def test_a_read_broken_off_inside_a_sample_never_gives_it_half_made(shard_set, t
     key = members[second].name.split(".")[0]
     cut = next(m for m in members[second:] if m.name.split(".")[0] == key and m is not members[second]).offset
     flag = tmp_path / "broke"
-    flaky = f"pipe:if [ -e {flag} ]; then cat {url}; else touch {flag}; head -c {cut} {url}; exit 1; fi"
+    flaky = breaks_once(url, cut, flag)
     plain = list(ShardStream(spec([url], world=1), AUG)._samples_of(iter([url])))
     stream = ShardStream(spec([flaky], world=1, sampling="resampled"), AUG)
     broken = list(stream._samples_of(iter([flaky])))
@@ -252,7 +255,7 @@ def test_a_repeated_member_costs_that_member_not_the_rest_of_the_shard(tmp_path)
     with tarfile.open(path) as tar:
         cut = [m for m in tar.getmembers() if m.name.startswith(samples[4]["__key__"])][0].offset
     flag = tmp_path / "broke"
-    flaky = f"pipe:if [ -e {flag} ]; then cat {path}; else touch {flag}; head -c {cut} {path}; exit 1; fi"
+    flaky = breaks_once(path, cut, flag)
     stream = ShardStream(spec([flaky], world=1, sampling="resampled"), AUG)
     assert len(list(stream._samples_of(iter([flaky])))) == 6 and flag.exists()
     assert stream._errors.count == 1

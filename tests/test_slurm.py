@@ -203,39 +203,33 @@ def test_submitit_two_node_job_trains_and_finishes(time_limit_job, reference):
 
 
 @on_cluster
-def test_preempted_job_is_requeued_and_matches_uninterrupted_run(reference, shards, tmp_path):
-    run = tmp_path / "run"
-    job_id = submit(submit_args(run, shards, "--time", "10"))
-    wait_for_steps(run, 30, 240, run / "slurm")
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # what a preemption script sends
-    assert wait_until_ended(job_id, 300, run / "slurm") == "COMPLETED", tail_logs(run / "slurm")
-
-    events = chain_events(run)
-    assert [e["event"] for e in events] == ["submitted", "started", "requeued", "started", "finished"], events
-    (stop,) = assert_resumed_where_stopped(events)
-    assert 30 <= stop < STEPS
-    assert restarts(job_id) in (1, None)  # None: slurmctld has forgotten the job already
-    assert_same_losses(run, reference)
-
-
-@on_cluster
-def test_a_requeue_by_slurm_itself_is_followed_not_fought(reference, shards, tmp_path):
-    """Slurm's own requeue (preemption in REQUEUE mode, a node failure, an admin's scontrol requeue)
-    SIGTERMs the job: the ranks save, see that Slurm has requeued the job already (its restart count is
-    past theirs) and leave without a result, so the chain says requeued and the next run finishes."""
+@pytest.mark.parametrize(
+    "interrupt, reason",
+    [
+        # what a preemption script sends: the ranks save and requeue the job themselves
+        (["scancel", "--signal=USR2"], "requeue 1 of at most 20"),
+        # Slurm's own requeue (preemption in REQUEUE mode, a node failure, an admin's scontrol requeue)
+        # SIGTERMs the job: the ranks save, see that Slurm has requeued it already (its restart count is
+        # past theirs) and leave without a result, so the chain says requeued and the next run finishes
+        (["scontrol", "requeue"], "Slurm requeued the job"),
+    ],
+    ids=["preemption-signal", "requeue-by-slurm"],
+)
+def test_a_requeued_job_resumes_and_matches_uninterrupted_run(reference, shards, tmp_path, interrupt, reason):
     import submitit
 
     run = tmp_path / "run"
     job_id = submit(submit_args(run, shards, "--time", "10"))
     wait_for_steps(run, 30, 240, run / "slurm")
-    subprocess.run(["scontrol", "requeue", job_id], check=True)  # what slurmctld does on preemption
+    subprocess.run([*interrupt, job_id], check=True)
     assert wait_until_ended(job_id, 300, run / "slurm") == "COMPLETED", tail_logs(run / "slurm")
 
     events = chain_events(run)
     assert [e["event"] for e in events] == ["submitted", "started", "requeued", "started", "finished"], events
-    assert "Slurm requeued the job" in events[2]["reason"], events[2]
+    assert reason in events[2]["reason"], events[2]
     (stop,) = assert_resumed_where_stopped(events)
     assert 30 <= stop < STEPS
+    assert restarts(job_id) in (1, None)  # None: slurmctld has forgotten the job already
     results = submitit.SlurmJob(run / "slurm", job_id, tasks=[0, 1]).results()
     assert [r["end_step"] for r in results] == [STEPS, STEPS]
     assert_same_losses(run, reference)

@@ -18,18 +18,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-
-def _records(text: str) -> list[dict]:
-    """metrics.jsonl's records; a line torn by a killed run is left out."""
-    out = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and "step" in record:
-            out.append(record)
-    return out
+from largemim.run_log import metrics_records
 
 
 def repr_checks(tb_dir: Path) -> dict[int, dict[str, float]]:
@@ -53,7 +42,8 @@ def main() -> None:
     run = args.run_dir
     if not (run / "metrics.jsonl").is_file():
         sys.exit(f"{run} has no metrics.jsonl: is it a run folder (run.dir of a training)?")
-    metrics = {r["step"]: r for r in _records((run / "metrics.jsonl").read_text(errors="replace"))}
+    records, _ = metrics_records((run / "metrics.jsonl").read_text(errors="replace"))  # torn lines left out
+    metrics = {r["step"]: r for _, r in records if "step" in r}
     checks = repr_checks(run / "tb") if (run / "tb").is_dir() else {}
     if not checks:
         sys.exit(f"{run}/tb holds no representation checks: set eval.train_shards/test_shards (and eval.every_steps)")

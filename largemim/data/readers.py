@@ -24,7 +24,7 @@ from webdataset.gopen import gopen
 from largemim.signals import STEP_SIGNALS, held
 
 _SHELL = shutil.which("bash") or "/bin/sh"
-_IGNORE_STEP_SIGNALS = 'trap "" USR1 USR2 TERM; '
+_IGNORE_STEP_SIGNALS = 'trap "" ' + " ".join(s.name.removeprefix("SIG") for s in STEP_SIGNALS) + "; "
 # curl gives up on a transfer slower than 1 KiB/s for 5 minutes (a stalled server) instead of hanging
 # the reader for ever. No curl --retry: after part of the body has gone down the pipe, curl would send
 # the whole body again behind it (a shard spliced from two reads); the stream restarts the read itself

@@ -69,6 +69,12 @@ def manifest_counts(urls: list[str], strict: bool = False) -> dict[str, int]:
 
 def count_samples(urls: list[str]) -> int:
     """Samples in ``urls`` according to the manifest(s) in their folders; raises if one is missing."""
+    counts = sample_counts(urls)
+    return sum(counts[u] for u in urls)
+
+
+def sample_counts(urls: list[str]) -> dict[str, int]:
+    """Samples per shard from the manifest(s) in their folders; raises if a shard is remote or unlisted."""
     remote = [u for u in urls if not is_local(u)]
     if remote:
         raise ValueError(f"cannot count the samples of remote shards such as {remote[0]!r}: set data.num_samples")
@@ -79,4 +85,4 @@ def count_samples(urls: list[str]) -> int:
             f"shard {unknown[0]!r} is not in its folder's {MANIFEST_NAME}; rewrite the manifest with "
             "tools/make_shards.py or set data.num_samples"
         )
-    return sum(counts[u] for u in urls)
+    return counts

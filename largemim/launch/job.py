@@ -139,6 +139,7 @@ class TrainJob:
         """Rank 0 decides whether to requeue; every rank gets the same answer. ``None``: Slurm has
         requeued the job itself (preemption in REQUEUE mode, a node failure, an admin's ``scontrol
         requeue``): its restart count is already past this run's, and its state is no longer RUNNING."""
+        from largemim.distributed import broadcast_from_rank0
         from largemim.launch.slurm_env import job_fields
 
         decision: list = [None]
@@ -155,7 +156,7 @@ class TrainJob:
                 decision[0] = (False, f"it has been requeued {task.restarts} times ({cap})")
             else:
                 decision[0] = (True, f"requeue {task.restarts + 1} of at most {self.max_requeues}")
-        _broadcast_from_rank0(decision)
+        broadcast_from_rank0(decision)
         return decision[0]
 
     def _requeue(self, task, rank: int, step: int, total_steps: int, reason: str) -> str | None:
@@ -164,6 +165,7 @@ class TrainJob:
         The broadcast is also what holds the other ranks back until the requeue is done. ``requeued`` is
         recorded only once it is done; a failed requeue is recorded as ``failed`` (with the saved step).
         """
+        from largemim.distributed import broadcast_from_rank0
         from largemim.launch.slurm_env import requeue as scontrol_requeue
 
         slurm_dir = Path(self.cfg.run.dir) / "slurm"
@@ -179,7 +181,7 @@ class TrainJob:
                 chain.record(
                     slurm_dir, "requeued", job_id=task.job_id, step=step, total_steps=total_steps, reason=reason
                 )
-        _broadcast_from_rank0(error)
+        broadcast_from_rank0(error)
         return error[0]
 
     def checkpoint(self, *args, **kwargs) -> DelayedSubmission:
@@ -192,13 +194,6 @@ def _newest_complete_step(run_dir: Path) -> int:
 
     found = complete_checkpoints(run_dir / "checkpoints")
     return found[-1][0] if found else 0
-
-
-def _broadcast_from_rank0(objects: list) -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(objects, src=0)
 
 
 def _leave_process_group() -> None:

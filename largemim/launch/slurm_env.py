@@ -73,11 +73,6 @@ def check_gpu_binding(task: SlurmTask) -> None:
         )
 
 
-def job_state(job_id: str) -> str:
-    """The job's state as slurmctld sees it now (RUNNING, COMPLETING, ...), or UNKNOWN."""
-    return job_fields(job_id).get("JobState", "UNKNOWN")
-
-
 def job_fields(job_id: str) -> dict[str, str]:
     """``scontrol show job``'s KEY=VALUE fields (JobState, Restarts, ...); {} if it cannot tell."""
     try:
