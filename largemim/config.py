@@ -135,7 +135,7 @@ class TrainConfig:
     # about a dozen small kernels per parameter tensor unless foreach_grad_checks makes it one pass). bf16
     # has no loss scale to adjust, and the trainer stops on a non-finite loss at the next log line; false
     # saves that work (a step with a non-finite gradient is then applied, and the run stops at the next log
-    # line instead).
+    # line or save instead, without saving it: largemim/health.py).
     check_grad_overflow: bool = True
     # ZeRO-1/2: DeepSpeed's inf/NaN test and gradient norm as one multi-tensor kernel each instead of a
     # Python loop of small kernels per parameter tensor (largemim/grad_checks.py); false keeps DeepSpeed's.

@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"largemim: config error: {e}", file=sys.stderr)
         code = 2
+    except FloatingPointError as e:  # diverged: the message says what was kept and what to change
+        if env.rank == 0:
+            print(f"largemim: training stopped: {e}", file=sys.stderr)
+        code = 1
     except BaseException:
         import traceback
 

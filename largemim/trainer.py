@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from largemim.checkpoint import Checkpointer
+from largemim.checkpoint import Checkpointer, complete_checkpoints
 from largemim.config import Config, ConfigError, make_plan, save_resolved
 from largemim.data.augment import Normalise, TrainAugment
 from largemim.data.device_decode import DeviceDecodeAugment, EncodedImages
@@ -20,6 +20,7 @@ from largemim.data.stream import StreamSpec, build_train_loader, check_exact_spl
 from largemim.distributed import DistEnv
 from largemim.engine import build_engine, build_model, load_ds_json, reapply_optim_config
 from largemim.flops import peak_tflops, train_flops_per_image
+from largemim.health import nonfinite_parameters
 from largemim.memory import choose_grad_ckpt
 from largemim.monitor import Monitor
 from largemim.run_log import RunLog
@@ -44,12 +45,27 @@ def _mean_across_ranks(values: dict[str, torch.Tensor], count: int) -> dict[str,
     return dict(zip(names, stacked.tolist(), strict=True))
 
 
-def _sum_across_ranks(value: int, device: torch.device) -> int:
-    """A per-rank count summed over all ranks (every rank calls this; on the device NCCL needs)."""
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+def _sums_across_ranks(values: list[float], device: torch.device) -> list[int]:
+    """Per-rank counts summed over all ranks (every rank calls this; on the device NCCL needs)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.get_world_size() > 1:
         dist.all_reduce(t)
-    return int(t.item())
+    return [int(v) for v in t.tolist()]
+
+
+def _sum_across_ranks(value: int, device: torch.device) -> int:
+    return _sums_across_ranks([value], device)[0]
+
+
+def _diverged(what: str, ckpt_dir: Path) -> FloatingPointError:
+    """The run stops: ``what`` went inf/NaN. Says which checkpoint a resume starts from and what to change."""
+    good = complete_checkpoints(ckpt_dir)
+    kept = f"a resume starts from {good[-1][1]}" if good else "there is no checkpoint to resume from"
+    return FloatingPointError(
+        f"{what}; nothing was saved after it and {kept}. Lower optim.base_lr, set optim.grad_clip, or use "
+        "train.precision=bf16 (keep train.check_grad_overflow=true: DeepSpeed then skips a step whose "
+        "gradients hold inf/NaN)"
+    )
 
 
 def _throughput_model(cfg: Config, device: torch.device) -> tuple[int | None, float | None]:
@@ -189,7 +205,18 @@ def train(cfg: Config, env: DistEnv) -> dict:
     stopper = StopOnSignal(list(cfg.checkpoint.stop_signals), env.device)
 
     def save(step: int) -> None:
-        total = skipped_before + _sum_across_ranks(skipped, env.device)  # a collective: every rank saves
+        # Never a checkpoint of a diverged run: it would be the one every resume starts from. The loss
+        # is checked at log steps; here the window since the last one, and the weights themselves.
+        bad = nonfinite_parameters(engine.module)
+        loss_sum = sums.get("loss")
+        bad_loss = loss_sum is not None and not bool(torch.isfinite(loss_sum))
+        counts = _sums_across_ranks([len(bad), bad_loss, skipped], env.device)  # a collective: all ranks save
+        if counts[1]:
+            raise _diverged(f"the loss is inf/NaN in steps {step - window + 1}-{step}", ckpt.dir)
+        if counts[0]:
+            where = f"e.g. {', '.join(bad[:3])} on rank {env.rank}" if bad else f"not on rank {env.rank}"
+            raise _diverged(f"the weights hold inf/NaN after step {step} ({counts[0]} tensors, {where})", ckpt.dir)
+        total = skipped_before + counts[2]
         state = {
             "step": step, "data": {**data_state, "position": step * ga, "skipped_samples": total},
             "config": asdict(cfg),
@@ -249,10 +276,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
             window = 0
             loss = means.pop("loss")
             if not np.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss} at step {step}; lower optim.base_lr, set optim.grad_clip, or use "
-                    "train.precision=bf16 (resume restarts from the last checkpoint)"
-                )
+                raise _diverged(f"the loss is {loss} at step {step}", ckpt.dir)
             scalars = {"loss": loss, "lr": engine.get_lr()[0], **means}
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
