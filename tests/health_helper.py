@@ -28,7 +28,10 @@ def run_case(stage: str, precision: str, rank: int) -> dict:
     cfg = load_config(
         REPO / "largemim/recipes/mae_tiny_cpu.yaml",
         [
-            "data.shards=x", "train.steps=3", "train.warmup_steps=1", f"ds_config={REPO / 'ds_configs' / stage}.json",
+            "data.shards=x",
+            "train.steps=3",
+            "train.warmup_steps=1",
+            f"ds_config={REPO / 'ds_configs' / stage}.json",
             f"train.precision={precision}",
         ],  # fmt: skip
     )
