@@ -202,8 +202,13 @@ InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=30
 MessageTimeout=10
+# Preemption as production clusters set it up: a job in "urgent" requeues "debug" jobs in its way. They
+# get SIGTERM, and Slurm requeues them itself GraceTime later unless they have ended (or requeued) by then.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 NodeName=n[1-$NODES] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[$((PORT + 1))-$last] $hw State=UNKNOWN
-PartitionName=debug Nodes=n[1-$NODES] Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes=n[1-$NODES] Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=60
+PartitionName=urgent Nodes=n[1-$NODES] MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
     mv "$CONF.tmp" "$CONF"
 

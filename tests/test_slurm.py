@@ -202,18 +202,25 @@ def test_submitit_two_node_job_trains_and_finishes(time_limit_job, reference):
     assert f"progress: step {STEPS} of {STEPS}, last loss {metrics[STEPS]['loss']:.4f}" in status, status
 
 
+# A job in the "urgent" partition that needs both nodes whole: Slurm preempts the training job for it.
+URGENT = ["sbatch", "--parsable", "--partition", "urgent", "--nodes", "2", "--exclusive", "--wrap", "sleep 1"]
+
+
 @on_cluster
 @pytest.mark.parametrize(
     "interrupt, reason",
     [
         # what a preemption script sends: the ranks save and requeue the job themselves
-        (["scancel", "--signal=USR2"], "requeue 1 of at most 20"),
-        # Slurm's own requeue (preemption in REQUEUE mode, a node failure, an admin's scontrol requeue)
+        (lambda job: ["scancel", "--signal=USR2", job], "requeue 1 of at most 20"),
+        # a real preemption (PreemptMode=REQUEUE, GraceTime=60): Slurm SIGTERMs the job's steps at once and
+        # would requeue the job itself 60 s later; the ranks save and requeue it within the grace time
+        (lambda job: URGENT, "requeue 1 of at most 20"),
+        # Slurm's own requeue (a preemption without grace time, a node failure, an admin's scontrol requeue)
         # SIGTERMs the job: the ranks save, see that Slurm has requeued it already (its restart count is
         # past theirs) and leave without a result, so the chain says requeued and the next run finishes
-        (["scontrol", "requeue"], "Slurm requeued the job"),
+        (lambda job: ["scontrol", "requeue", job], "Slurm requeued the job"),
     ],
-    ids=["preemption-signal", "requeue-by-slurm"],
+    ids=["preemption-signal", "preemption", "requeue-by-slurm"],
 )
 def test_a_requeued_job_resumes_and_matches_uninterrupted_run(reference, shards, tmp_path, interrupt, reason):
     import submitit
@@ -221,8 +228,10 @@ def test_a_requeued_job_resumes_and_matches_uninterrupted_run(reference, shards,
     run = tmp_path / "run"
     job_id = submit(submit_args(run, shards, "--time", "10"))
     wait_for_steps(run, 30, 240, run / "slurm")
-    subprocess.run([*interrupt, job_id], check=True)
+    other = subprocess.run(interrupt(job_id), check=True, capture_output=True, text=True).stdout.strip()
     assert wait_until_ended(job_id, 300, run / "slurm") == "COMPLETED", tail_logs(run / "slurm")
+    if other:  # the urgent job: it ran, in the time between the training job's two runs
+        assert wait_until_ended(other, 60, run / "slurm") == "COMPLETED"
 
     events = chain_events(run)
     assert [e["event"] for e in events] == ["submitted", "started", "requeued", "started", "finished"], events
