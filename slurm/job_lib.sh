@@ -9,11 +9,15 @@
 #     (torchrun, deepspeed) was started with the signal ignored, so it keeps running; the ranks have
 #     their own handler (checkpoint.stop_signals), agree on a step, save it and exit 0; the launcher then
 #     exits 0 and srun returns.
-#  3. If the step ended cleanly after the signal, the job is still RUNNING (a cancel makes it COMPLETING)
-#     and it has been requeued fewer than MAX_REQUEUES times, this script runs  scontrol requeue : the
-#     same job id starts again and the trainer resumes from the run folder's newest complete checkpoint.
-# SIGTERM (scancel, the time limit itself, preemption) reaches the ranks from Slurm directly; they save
-# and stop too (SIGTERM is in the default checkpoint.stop_signals), and this script does not requeue.
+#  3. Having saved, each node's local rank 0 writes the step to LARGEMIM_STOP_FILE (a node-local path
+#     this script sets). If the ranks stopped early, the job is still RUNNING (a cancel makes it
+#     COMPLETING) and it has been requeued fewer than MAX_REQUEUES times, this script runs  scontrol
+#     requeue : the same job id starts again and the trainer resumes from the newest complete checkpoint.
+# SIGTERM reaches the ranks from Slurm directly; they save and stop too (SIGTERM is in the default
+# checkpoint.stop_signals). After scancel or at the time limit, this shell gets it as well and does not
+# requeue. A preemption with a grace time SIGTERMs the steps only, keeps the job RUNNING and would
+# requeue it when the grace time ends: the stop file is how this script learns of it, and it requeues
+# at once (the launcher may exit non-zero after a SIGTERM; the file says the ranks saved).
 
 lm_log() {
     echo "[largemim $(date +%H:%M:%S) job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}] $*"
@@ -74,6 +78,9 @@ lm_srun() {
         lm_log "unsetting DS_ACCELERATOR=cpu (from the submitting shell): this job has GPUs"
         unset DS_ACCELERATOR
     fi
+    # Written by the ranks once they have saved and stopped early (largemim.launch.slurm_env.report_stop).
+    export LARGEMIM_STOP_FILE="${TMPDIR:-/tmp}/largemim-stopped-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
+    rm -f "$LARGEMIM_STOP_FILE"
     srun "$@" &
     local pid=$! status
     LM_STATUS=""
@@ -92,19 +99,27 @@ lm_srun() {
     lm_log "srun exited with $LM_STATUS"
 }
 
-# lm_finish: requeue this job if it was asked to stop, stopped cleanly, is still RUNNING and is under the
-# cap; otherwise exit with srun's status. (A signal that comes after the last step, during the final save,
-# still requeues: the ranks exit 0 either way and this script knows neither run.dir nor the step count.
-# The requeued job resumes at the last step, redoes only the final pictures and evaluation, and ends.)
+# lm_finish: requeue this job if the ranks saved and stopped early (LARGEMIM_STOP_FILE), this shell was
+# not sent SIGTERM (scancel, the time limit), the job is still RUNNING and under the cap; otherwise exit
+# with srun's status. A signal that came during the final save requeues nothing: the ranks finished.
 lm_finish() {
-    local state restarts
-    if [[ -z $LM_SIGNALLED || -n $LM_TERMINATED ]]; then
+    local state restarts stopped=""
+    if [[ -f $LARGEMIM_STOP_FILE ]]; then
+        stopped=$(<"$LARGEMIM_STOP_FILE")
+        rm -f "$LARGEMIM_STOP_FILE"
+    fi
+    if [[ -n $LM_TERMINATED ]]; then
         exit "$LM_STATUS"
     fi
-    if [[ $LM_STATUS -ne 0 ]]; then
-        lm_log "the ranks exited with status $LM_STATUS after SIG$STOP_SIGNAL: not requeueing"
+    if [[ -z $stopped ]]; then
+        if [[ -n $LM_SIGNALLED && $LM_STATUS -eq 0 ]]; then
+            lm_log "the run ended before it could stop: nothing to requeue"
+        elif [[ -n $LM_SIGNALLED ]]; then
+            lm_log "the ranks exited with status $LM_STATUS after SIG$STOP_SIGNAL without saving: not requeueing"
+        fi
         exit "$LM_STATUS"
     fi
+    lm_log "the ranks saved step ${stopped} and stopped (srun exited with $LM_STATUS)"
     state=$(scontrol show job -o "$SLURM_JOB_ID" | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)
     restarts=${SLURM_RESTART_COUNT:-0}
     if [[ $state != RUNNING ]]; then

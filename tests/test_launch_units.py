@@ -265,3 +265,45 @@ def test_ds_accelerator_cpu_keeps_a_gpu_machine_on_the_cpu(monkeypatch):
     assert cuda_wanted()
     monkeypatch.delenv("DS_ACCELERATOR")
     assert cuda_wanted()
+
+
+# ------------------------------------------------------------------------------------------ slurm/job_lib.sh
+@pytest.mark.parametrize(
+    "signalled, terminated, status, stopped, state, restarts, requeued, said",
+    [
+        # the warning signal, the ranks saved: requeue
+        ("1", "", 0, "37", "RUNNING", 0, True, "requeueing (requeue 1 of at most 3)"),
+        # a preemption with a grace time: no signal here, the launcher exited 1 after SIGTERM: requeue
+        ("", "", 1, "37", "RUNNING", 0, True, "the ranks saved step 37 and stopped (srun exited with 1)"),
+        # the signal came during the final save: the run finished, nothing to requeue
+        ("1", "", 0, "", "RUNNING", 0, False, "the run ended before it could stop"),
+        # a rank crashed after the signal: not requeued, srun's status
+        ("1", "", 1, "", "RUNNING", 0, False, "without saving: not requeueing"),
+        # scancel or the time limit: this shell got SIGTERM too
+        ("", "1", 0, "37", "RUNNING", 0, False, ""),
+        ("1", "", 0, "37", "COMPLETING", 0, False, "the job is COMPLETING"),
+        ("1", "", 0, "37", "RUNNING", 3, False, "MAX_REQUEUES=3"),
+    ],
+)
+def test_batch_script_requeue_decision(
+    fake_bin, tmp_path, signalled, terminated, status, stopped, state, restarts, requeued, said
+):
+    """lm_finish of the sbatch templates, with scontrol a stand-in that answers with STATE and logs a
+    requeue (the templates themselves run on the local cluster in test_slurm.py)."""
+    calls = tmp_path / "calls"
+    stand_in(fake_bin, "scontrol", f'echo "$*" >>{calls}\necho "JobId=5 JobState={state} Restarts={restarts}"\n')
+    stop_file = tmp_path / "stopped"
+    if stopped:
+        stop_file.write_text(stopped + "\n")
+    script = (
+        f"source {REPO / 'slurm/job_lib.sh'}; STOP_SIGNAL=USR1; MAX_REQUEUES=3; LARGEMIM_STOP_FILE={stop_file}; "
+        f"LM_SIGNALLED={signalled}; LM_TERMINATED={terminated}; LM_STATUS={status}; lm_finish"
+    )
+    env = dict(os.environ, SLURM_JOB_ID="5", SLURM_RESTART_COUNT=str(restarts))
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    requeues = [c for c in (calls.read_text().splitlines() if calls.exists() else []) if c.startswith("requeue")]
+    assert requeues == (["requeue 5"] if requeued else []), proc.stdout
+    assert said in proc.stdout
+    assert not stop_file.exists()  # read once: a later run of the same job starts without it
+    expected = 0 if requeued or state != "RUNNING" else (1 if restarts >= 3 else status)
+    assert proc.returncode == expected, proc.stdout

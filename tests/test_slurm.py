@@ -203,7 +203,10 @@ def test_submitit_two_node_job_trains_and_finishes(time_limit_job, reference):
 
 
 # A job in the "urgent" partition that needs both nodes whole: Slurm preempts the training job for it.
-URGENT = ["sbatch", "--parsable", "--partition", "urgent", "--nodes", "2", "--exclusive", "--wrap", "sleep 1"]
+URGENT = [
+    "sbatch", "--parsable", "--partition", "urgent", "--nodes", "2", "--exclusive", "--output", "/dev/null",
+    "--wrap", "sleep 1",
+]  # fmt: skip
 
 
 @on_cluster
@@ -337,7 +340,7 @@ def test_torchrun_template_two_nodes_requeues_on_its_signal(torchrun_run):
     assert "2 node(s) x 1 rank(s), master n1:" in log
     assert "got SIGUSR1: forwarding it to the ranks" in log and "requeueing (requeue 1 of at most 20)" in log
     assert "[rank 1] received SIGUSR1" in log  # the rank on n2 got it too
-    assert log.count("srun exited with 0") == 2
+    assert log.count("] srun exited with 0") == 2 and "the ranks saved step" in log
     assert sorted(read_metrics(torchrun_run)) == list(range(1, TEMPLATE_STEPS + 1))
 
 
@@ -350,6 +353,24 @@ def test_deepspeed_template_two_nodes_matches_torchrun(torchrun_run, shards, tmp
     assert wait_until_ended(job_id, 300, run) == "COMPLETED", tail_logs(run)
     log = next(run.glob("slurm-*.out")).read_text()
     assert "nnodes=2, num_local_procs=1, node_rank=1" in log and "dist_world_size=2" in log
+    assert_same_losses(run, torchrun_run, TEMPLATE_STEPS)
+
+
+@on_cluster
+@pytest.mark.parametrize("template", ["torchrun.sbatch", "deepspeed.sbatch"])
+def test_templates_requeue_when_preempted(torchrun_run, shards, tmp_path, template):
+    """A real preemption with a grace time: Slurm SIGTERMs the job's steps but not the batch script, and
+    would requeue the job only when the grace time ends. The ranks save and stop; the script learns that
+    from the ranks (LARGEMIM_STOP_FILE) and requeues at once, instead of taking their exit for the end of
+    the run and letting the job end COMPLETED half-way."""
+    run = tmp_path / "run"
+    job_id = sbatch_template(template, run, shards)
+    wait_for_steps(run, 20, 240, run)
+    urgent = subprocess.run(URGENT, check=True, capture_output=True, text=True).stdout.strip()
+    assert wait_until_ended(job_id, 300, run) == "COMPLETED", tail_logs(run)
+    assert wait_until_ended(urgent, 60, run) == "COMPLETED"
+    log = next(run.glob("slurm-*.out")).read_text()
+    assert "the ranks saved step" in log and "requeueing (requeue 1 of at most 20)" in log, tail_logs(run)
     assert_same_losses(run, torchrun_run, TEMPLATE_STEPS)
 
 

@@ -99,3 +99,22 @@ def requeue(job_id: str) -> None:
         raise RuntimeError(f"'scontrol requeue {job_id}' did not answer in 60 s") from None
     if proc.returncode != 0:
         raise RuntimeError(f"'scontrol requeue {job_id}' failed ({proc.returncode}): {stderr.strip()}")
+
+
+STOP_FILE = "LARGEMIM_STOP_FILE"
+
+
+def report_stop(local_rank: int, step: int) -> None:
+    """Tell an sbatch template's batch script (slurm/job_lib.sh) that the ranks stopped early, at ``step``,
+    and saved it. A preemption with a grace time SIGTERMs the job's steps but not the batch script, which
+    would take the ranks' exit for the end of the run and let the job end half-way, unrequeued. Each
+    node's local rank 0 writes the file that LARGEMIM_STOP_FILE names: the batch script runs on one of
+    the job's nodes, and the path need not be on shared storage."""
+    path = os.environ.get(STOP_FILE)
+    if not path or local_rank != 0:
+        return
+    try:
+        with open(path, "w") as f:
+            f.write(f"{step}\n")
+    except OSError as e:  # only the batch script's node matters; a warning shows on every other one
+        print(f"largemim: could not write {STOP_FILE}={path} ({e}); a batch script on this node would not requeue")
