@@ -1,4 +1,5 @@
-"""What a run reports, from rank 0: console lines with rate and ETA, TensorBoard, metrics.jsonl."""
+"""What a run reports, from rank 0: console lines with rate and ETA, TensorBoard, metrics.jsonl (one line
+per logged step) and eval.jsonl (one line per evaluation, e.g. the representation check)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ def setup_console(rank: int) -> None:
 
 
 def metrics_records(text: str) -> tuple[list[tuple[str, dict]], int]:
-    """metrics.jsonl's lines with their records, and how many lines were torn (a run killed while
-    writing can leave a partial or zero-filled line): those are left out."""
+    """A JSON-lines file's (metrics.jsonl, eval.jsonl) lines with their records, and how many lines were
+    torn (a run killed while writing can leave a partial or zero-filled line): those are left out."""
     records, torn = [], 0
     for line in text.splitlines():
         try:
@@ -40,6 +41,21 @@ def format_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop lines a killed run logged after its last checkpoint (the resumed run logs them again), and
+    a line the kill tore (a node crash can leave a partial or zero-filled tail). Replaced whole: a
+    crash during the rewrite leaves the old file."""
+    if not path.exists():
+        return
+    records, torn = metrics_records(path.read_text(errors="replace"))
+    kept = [line for line, record in records if record.get("step", 0) <= step]
+    if torn:
+        log.warning("%s: dropped %d unreadable line(s) (a run killed while writing)", path, torn)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    os.replace(tmp, path)
 
 
 class RunLog:
@@ -63,7 +79,9 @@ class RunLog:
         if not self.active:
             return
         self.metrics_path = Path(run_dir) / "metrics.jsonl"
-        self._truncate_after(resume_step)
+        self.eval_path = Path(run_dir) / "eval.jsonl"
+        for path in (self.metrics_path, self.eval_path):
+            _truncate_after(path, resume_step)
         self.metrics = open(self.metrics_path, "a")  # noqa: SIM115 - held open for the whole run
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -73,20 +91,6 @@ class RunLog:
                 str(Path(run_dir) / "tb"), purge_step=resume_step + 1 if resume_step else None, flush_secs=15
             )
         self._t0, self._step0 = time.time(), resume_step
-
-    def _truncate_after(self, step: int) -> None:
-        """Drop lines a killed run logged after its last checkpoint (the resumed run logs them again), and
-        a line the kill tore (a node crash can leave a partial or zero-filled tail). Replaced whole: a
-        crash during the rewrite leaves the old file."""
-        if not self.metrics_path.exists():
-            return
-        records, torn = metrics_records(self.metrics_path.read_text(errors="replace"))
-        kept = [line for line, record in records if record.get("step", 0) <= step]
-        if torn:
-            log.warning("%s: dropped %d unreadable line(s) (a run killed while writing)", self.metrics_path, torn)
-        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in kept))
-        os.replace(tmp, self.metrics_path)
 
     def restart_clock(self, step: int) -> None:
         self._t0, self._step0 = time.time(), step
@@ -120,7 +124,13 @@ class RunLog:
         )  # fmt: skip
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
-        if self.active and self.writer:
+        """An evaluation's results at ``step`` (e.g. prefix "repr": knn, linear): a line of eval.jsonl and
+        TensorBoard's ``prefix/*``."""
+        if not self.active:
+            return
+        with open(self.eval_path, "a") as f:
+            f.write(json.dumps({"step": step, "eval": prefix, **values, "time": time.time()}) + "\n")
+        if self.writer:
             for k, v in values.items():
                 self.writer.add_scalar(f"{prefix}/{k}", v, step)
 

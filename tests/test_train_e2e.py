@@ -72,6 +72,14 @@ def test_representation_check_on_two_ranks_and_its_baselines_across_a_resume(tmp
     run_trainer(run, shard_set, [*common, "train.steps=12", "eval.knn_k=7"])  # resumes at step 8
     base = json.loads((run / "repr_baselines.json").read_text())
     assert set(base) == {"settings", "raw_pixels"} and base["settings"]["knn_k"] == 7, base
+    # every check in eval.jsonl (also without TensorBoard), none twice across the resume
+    checks = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [(c["step"], c["eval"]) for c in checks] == [(4, "repr"), (8, "repr"), (12, "repr")], checks
+    assert all(0.0 < c["knn"] <= 1.0 and 0.0 < c["linear"] <= 1.0 for c in checks), checks
+    table = subprocess.run(
+        [sys.executable, str(REPO / "tools/learning_curve.py"), str(run)], capture_output=True, text=True, check=True
+    ).stdout
+    assert [ln.split(" | ")[0] for ln in table.splitlines() if ln[2:3].isdigit()] == ["| 4", "| 8", "| 12"], table
 
 
 def test_activation_checkpointing_gives_the_same_losses(tmp_path, shard_set):

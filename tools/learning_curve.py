@@ -3,7 +3,8 @@
 step it ran, beside the training loss logged at that step, after the random-init and raw-pixel baselines.
 
 Reads RUN_DIR/metrics.jsonl (loss and any other scalar per logged step), RUN_DIR/repr_baselines.json and
-the ``repr/*`` scalars of RUN_DIR/tb (TensorBoard event files). Extra columns with ``--also``, e.g.
+the checks in RUN_DIR/eval.jsonl (or, for runs written before it existed, the ``repr/*`` scalars of
+RUN_DIR/tb, TensorBoard's event files). Extra columns with ``--also``, e.g.
 ``--also masked_acc`` for BEiT or ``--also pred_std target_std`` for data2vec.
 
     python tools/learning_curve.py runs/fmnist_learning
@@ -19,6 +20,16 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from largemim.run_log import metrics_records
+
+
+def logged_checks(path: Path) -> dict[int, dict[str, float]]:
+    """step -> {"knn": ..., "linear": ...} from eval.jsonl (the newest line per step wins)."""
+    out: dict[int, dict[str, float]] = {}
+    records, _ = metrics_records(path.read_text(errors="replace"))
+    for _, r in records:
+        if r.get("eval") == "repr" and "step" in r:
+            out[r["step"]] = {k: v for k, v in r.items() if k in ("knn", "linear")}
+    return out
 
 
 def repr_checks(tb_dir: Path) -> dict[int, dict[str, float]]:
@@ -44,9 +55,15 @@ def main() -> None:
         sys.exit(f"{run} has no metrics.jsonl: is it a run folder (run.dir of a training)?")
     records, _ = metrics_records((run / "metrics.jsonl").read_text(errors="replace"))  # torn lines left out
     metrics = {r["step"]: r for _, r in records if "step" in r}
-    checks = repr_checks(run / "tb") if (run / "tb").is_dir() else {}
+    if (run / "eval.jsonl").is_file():
+        checks = logged_checks(run / "eval.jsonl")
+    else:
+        checks = repr_checks(run / "tb") if (run / "tb").is_dir() else {}
     if not checks:
-        sys.exit(f"{run}/tb holds no representation checks: set eval.train_shards/test_shards (and eval.every_steps)")
+        sys.exit(
+            f"{run} holds no representation checks (eval.jsonl, tb/): set eval.train_shards/test_shards "
+            "(and eval.every_steps)"
+        )
     baselines = json.loads((run / "repr_baselines.json").read_text()) if (run / "repr_baselines.json").is_file() else {}
 
     cols = ["loss", *args.also]
