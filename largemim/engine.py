@@ -137,8 +137,8 @@ def build_model(cfg: Config, ds_json: dict, init_from: str = "") -> nn.Module:
             "DeepCompile, the 'compile' section of a ds_config, is not wired into largemim yet)"
         )
     if not cfg.train.check_grad_overflow and zero_stage(ds_json) not in (1, 2):
-        # DeepSpeed 0.19.8 reads bf16.check_grad_overflow for its ZeRO-1/2 optimizer only: ZeRO-3 makes no
-        # such check in bf16, and ZeRO-0's wrapper ignores the key.
+        # DeepSpeed 0.19.8 reads bf16.check_grad_overflow for its ZeRO-1/2 optimizer only: ZeRO-3 always
+        # skips a step on an inf/NaN gradient norm, and ZeRO-0's bf16 wrapper ignores the key.
         raise ConfigError(
             f"train.check_grad_overflow=false has an effect under ZeRO-1/2 only (this ds_config is ZeRO-"
             f"{zero_stage(ds_json)}); remove it"

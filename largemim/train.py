@@ -12,6 +12,7 @@ import sys
 
 from largemim.config import ConfigError, load_config
 from largemim.distributed import init_distributed, teardown
+from largemim.health import TrainingDiverged
 from largemim.launch.slurm_env import report_stop
 from largemim.run_log import setup_console
 from largemim.signals import catch_early
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"largemim: config error: {e}", file=sys.stderr)
         code = 2
-    except FloatingPointError as e:  # diverged: the message says what was kept and what to change
+    except TrainingDiverged as e:  # raised on every rank together: the message says what was kept and what to do
         if env.rank == 0:
             print(f"largemim: training stopped: {e}", file=sys.stderr)
         code = 1

@@ -20,7 +20,7 @@ from largemim.data.stream import StreamSpec, build_train_loader, check_exact_spl
 from largemim.distributed import DistEnv
 from largemim.engine import build_engine, build_model, load_ds_json, reapply_optim_config
 from largemim.flops import peak_tflops, train_flops_per_image
-from largemim.health import nonfinite_parameters
+from largemim.health import TrainingDiverged, nonfinite_parameters
 from largemim.memory import choose_grad_ckpt
 from largemim.monitor import Monitor
 from largemim.run_log import RunLog
@@ -57,15 +57,42 @@ def _sum_across_ranks(value: int, device: torch.device) -> int:
     return _sums_across_ranks([value], device)[0]
 
 
-def _diverged(what: str, ckpt_dir: Path) -> FloatingPointError:
+def _diverged(what: str, ckpt_dir: Path) -> TrainingDiverged:
     """The run stops: ``what`` went inf/NaN. Says which checkpoint a resume starts from and what to change."""
     good = complete_checkpoints(ckpt_dir)
     kept = f"a resume starts from {good[-1][1]}" if good else "there is no checkpoint to resume from"
-    return FloatingPointError(
+    return TrainingDiverged(
         f"{what}; nothing was saved after it and {kept}. Lower optim.base_lr, set optim.grad_clip, or use "
         "train.precision=bf16 (keep train.check_grad_overflow=true: DeepSpeed then skips a step whose "
         "gradients hold inf/NaN)"
     )
+
+
+def check_fit_to_save(
+    module: torch.nn.Module,
+    loss_sum: torch.Tensor | None,
+    first: int,
+    step: int,
+    skipped: int,
+    ckpt_dir: Path,
+    device: torch.device,
+) -> int:
+    """Raise TrainingDiverged (on every rank) if the loss summed over steps ``first``..``step`` or any weight
+    is inf/NaN: a checkpoint of a diverged run would be the one every resume starts from. The loss is
+    checked at log steps; this covers the steps since then, and the weights themselves. Returns
+    ``skipped`` (this rank's skipped samples) summed over ranks, in the same collective."""
+    bad = nonfinite_parameters(module)
+    bad_loss = loss_sum is not None and not bool(torch.isfinite(loss_sum))
+    n_bad, n_bad_loss, total = _sums_across_ranks([len(bad), bad_loss, skipped], device)
+    if n_bad_loss:
+        raise _diverged(f"the loss is inf/NaN in steps {first}-{step}", ckpt_dir)
+    if n_bad:  # which tensors, over all ranks (replicated under ZeRO-0/1/2, partitioned under ZeRO-3)
+        names: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(names, bad)
+        found = sorted({n for rank_names in names for n in rank_names})
+        listed = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise _diverged(f"the weights hold inf/NaN after step {step} ({len(found)} tensor(s): {listed})", ckpt_dir)
+    return total
 
 
 def _throughput_model(cfg: Config, device: torch.device) -> tuple[int | None, float | None]:
@@ -205,18 +232,9 @@ def train(cfg: Config, env: DistEnv) -> dict:
     stopper = StopOnSignal(list(cfg.checkpoint.stop_signals), env.device)
 
     def save(step: int) -> None:
-        # Never a checkpoint of a diverged run: it would be the one every resume starts from. The loss
-        # is checked at log steps; here the window since the last one, and the weights themselves.
-        bad = nonfinite_parameters(engine.module)
+        first = step - window + 1  # the steps summed since the last log line
         loss_sum = sums.get("loss")
-        bad_loss = loss_sum is not None and not bool(torch.isfinite(loss_sum))
-        counts = _sums_across_ranks([len(bad), bad_loss, skipped], env.device)  # a collective: all ranks save
-        if counts[1]:
-            raise _diverged(f"the loss is inf/NaN in steps {step - window + 1}-{step}", ckpt.dir)
-        if counts[0]:
-            where = f"e.g. {', '.join(bad[:3])} on rank {env.rank}" if bad else f"not on rank {env.rank}"
-            raise _diverged(f"the weights hold inf/NaN after step {step} ({counts[0]} tensors, {where})", ckpt.dir)
-        total = skipped_before + counts[2]
+        total = skipped_before + check_fit_to_save(engine.module, loss_sum, first, step, skipped, ckpt.dir, env.device)
         state = {
             "step": step, "data": {**data_state, "position": step * ga, "skipped_samples": total},
             "config": asdict(cfg),

@@ -23,11 +23,16 @@ def test_nonfinite_weights_are_found_in_every_ranks_partition(tmp_path):
         for bad in ("nan", "inf"):  # one value on rank 1: named there only, counted once over the ranks
             assert r1[bad]["found"] == [r1["name"]] and r0[bad]["found"] == [], (r0, r1)
             assert r0[bad]["all_ranks"] == 1
+        for r in (r0, r1):  # the trainer's check before a save: both ranks stop, and say what and where
+            assert r["save_check"].startswith(f"the weights hold inf/NaN after step 7 (1 tensor(s): {r1['name']}); "), r
+            assert "there is no checkpoint to resume from" in r["save_check"], r
+            assert r["clean_save_check"] == 6, r  # clean: the skipped samples summed over the ranks
         if r0["case"].startswith("zero3"):
             # each rank holds half the tensor, and the module's own view of it is empty: a check of the
             # visible weights would have missed the NaN
             assert r1["visible_numel"] == 0 and r1["local_numel"] == 24576, r1
             assert r1["nan"]["naive"] == [], r1
+            assert r1["padded"]["numel"] % 2 and r1["padded"]["found"] == [], r1  # padding is not a weight
 
 
 @pytest.mark.slow
