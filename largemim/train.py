@@ -13,7 +13,7 @@ import sys
 from largemim.config import ConfigError, load_config
 from largemim.distributed import init_distributed, teardown
 from largemim.health import TrainingDiverged
-from largemim.launch.slurm_env import report_stop
+from largemim.launch.slurm_env import report_end
 from largemim.run_log import setup_console
 from largemim.signals import catch_early
 
@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         summary = train(cfg, env)
-        if summary.get("stopped_early"):
-            report_stop(env.local_rank, summary["end_step"])  # for slurm/job_lib.sh: requeue, not the end
+        report_end(env.local_rank, summary["stopped_early"], summary["end_step"])  # for slurm/job_lib.sh
         if env.rank == 0:
             table = format_summary(summary)
             if table:

@@ -248,7 +248,10 @@ def train(cfg: Config, env: DistEnv) -> dict:
         log.warning("stopping at step %d on %s", step, stopper.received or "another rank's signal")
         if last_saved != step:
             save(step)
-        summary.update(stopped_early=True, end_step=step)
+        done = step == plan.total_steps  # nothing left to train: a requeue would only redo what is skipped here
+        if done:
+            log.warning("that was the last step: the run is complete without its final pictures and evaluation")
+        summary.update(stopped_early=not done, end_step=step)
         run_log.close()
         return summary
 

@@ -9,15 +9,17 @@
 #     (torchrun, deepspeed) was started with the signal ignored, so it keeps running; the ranks have
 #     their own handler (checkpoint.stop_signals), agree on a step, save it and exit 0; the launcher then
 #     exits 0 and srun returns.
-#  3. Having saved, each node's local rank 0 writes the step to LARGEMIM_STOP_FILE (a node-local path
-#     this script sets). If the ranks stopped early, the job is still RUNNING (a cancel makes it
-#     COMPLETING) and it has been requeued fewer than MAX_REQUEUES times, this script runs  scontrol
-#     requeue : the same job id starts again and the trainer resumes from the newest complete checkpoint.
+#  3. At the end, local rank 0 on this node writes how the run ended to LARGEMIM_END_FILE (a node-local
+#     path this script sets): "stopped STEP" (saved, stopped early) or "finished STEP". If the ranks
+#     stopped early, the job is still RUNNING (a cancel makes it COMPLETING) and it has been requeued
+#     fewer than MAX_REQUEUES times, this script runs  scontrol requeue : the same job id starts again
+#     and the trainer resumes from the newest complete checkpoint.
 # SIGTERM reaches the ranks from Slurm directly; they save and stop too (SIGTERM is in the default
 # checkpoint.stop_signals). After scancel or at the time limit, this shell gets it as well and does not
-# requeue. A preemption with a grace time SIGTERMs the steps only, keeps the job RUNNING and would
-# requeue it when the grace time ends: the stop file is how this script learns of it, and it requeues
-# at once (the launcher may exit non-zero after a SIGTERM; the file says the ranks saved).
+# requeue. A preemption with a grace time SIGTERMs the steps only, keeps the job RUNNING (PreemptTime
+# set) and would requeue it itself when the grace time ends; this script requeues at once instead, and
+# also when the ranks could not save in time (the launchers kill them 30 s after a SIGTERM): the run
+# resumes from its newest complete checkpoint either way.
 
 lm_log() {
     echo "[largemim $(date +%H:%M:%S) job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}] $*"
@@ -78,9 +80,11 @@ lm_srun() {
         lm_log "unsetting DS_ACCELERATOR=cpu (from the submitting shell): this job has GPUs"
         unset DS_ACCELERATOR
     fi
-    # Written by the ranks once they have saved and stopped early (largemim.launch.slurm_env.report_stop).
-    export LARGEMIM_STOP_FILE="${TMPDIR:-/tmp}/largemim-stopped-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
-    rm -f "$LARGEMIM_STOP_FILE"
+    # How the ranks' run ended, from local rank 0 of this node (largemim.launch.slurm_env.report_end).
+    export LARGEMIM_END_FILE="${TMPDIR:-/tmp}/largemim-end-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
+    LARGEMIM_END_HOST=$(hostname)
+    export LARGEMIM_END_HOST
+    rm -f "$LARGEMIM_END_FILE"
     srun "$@" &
     local pid=$! status
     LM_STATUS=""
@@ -99,38 +103,52 @@ lm_srun() {
     lm_log "srun exited with $LM_STATUS"
 }
 
-# lm_finish: requeue this job if the ranks saved and stopped early (LARGEMIM_STOP_FILE), this shell was
-# not sent SIGTERM (scancel, the time limit), the job is still RUNNING and under the cap; otherwise exit
-# with srun's status. A signal that came during the final save requeues nothing: the ranks finished.
+# lm_finish: requeue this job, or exit with srun's status. Not after a SIGTERM to this shell (scancel, the
+# time limit) or once the job has left RUNNING. Requeue if the ranks saved and stopped early (under the
+# cap), if Slurm is preempting the job (PreemptTime set: Slurm would requeue it itself at the end of the
+# grace time; not capped), or, with no word from the ranks, if they exited 0 after the stop signal.
 lm_finish() {
-    local state restarts stopped=""
-    if [[ -f $LARGEMIM_STOP_FILE ]]; then
-        stopped=$(<"$LARGEMIM_STOP_FILE")
-        rm -f "$LARGEMIM_STOP_FILE"
+    local ended="" step="" fields state preempt restarts
+    if [[ -f $LARGEMIM_END_FILE ]]; then
+        read -r ended step <"$LARGEMIM_END_FILE"
+        rm -f "$LARGEMIM_END_FILE"
     fi
     if [[ -n $LM_TERMINATED ]]; then
         exit "$LM_STATUS"
     fi
-    if [[ -z $stopped ]]; then
-        if [[ -n $LM_SIGNALLED && $LM_STATUS -eq 0 ]]; then
-            lm_log "the run ended before it could stop: nothing to requeue"
-        elif [[ -n $LM_SIGNALLED ]]; then
+    if [[ $ended == finished ]]; then
+        if [[ -n $LM_SIGNALLED ]]; then lm_log "the run ended (step $step) before it could stop: nothing to requeue"; fi
+        exit "$LM_STATUS"
+    fi
+    fields=$(scontrol show job -o "$SLURM_JOB_ID")
+    state=$(grep -o 'JobState=[A-Z_]*' <<<"$fields" | cut -d= -f2)
+    preempt=$(grep -o 'PreemptTime=[^ ]*' <<<"$fields" | cut -d= -f2)
+    if [[ $preempt == None ]]; then preempt=""; fi
+    restarts=${SLURM_RESTART_COUNT:-0}
+    if [[ $ended == stopped ]]; then
+        lm_log "the ranks saved step $step and stopped (srun exited with $LM_STATUS)"
+    elif [[ -n $preempt ]]; then
+        lm_log "preempted at $preempt; the ranks reported no save (srun exited with $LM_STATUS)"
+    elif [[ -n $LM_SIGNALLED && $LM_STATUS -eq 0 ]]; then
+        lm_log "no word from the ranks in $LARGEMIM_END_FILE (is this node's TMPDIR private to each step?); going by SIG$STOP_SIGNAL"
+    else
+        if [[ -n $LM_SIGNALLED ]]; then
             lm_log "the ranks exited with status $LM_STATUS after SIG$STOP_SIGNAL without saving: not requeueing"
         fi
         exit "$LM_STATUS"
     fi
-    lm_log "the ranks saved step ${stopped} and stopped (srun exited with $LM_STATUS)"
-    state=$(scontrol show job -o "$SLURM_JOB_ID" | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)
-    restarts=${SLURM_RESTART_COUNT:-0}
     if [[ $state != RUNNING ]]; then
         lm_log "the job is $state (cancelled or ended by Slurm): not requeueing"
         exit 0
     fi
-    if ((restarts >= MAX_REQUEUES)); then
+    if [[ -n $preempt ]]; then
+        lm_log "requeueing (preempted: Slurm would requeue it at the end of the grace time, whatever MAX_REQUEUES); the run resumes from its newest complete checkpoint"
+    elif ((restarts >= MAX_REQUEUES)); then
         lm_log "requeued $restarts times already (MAX_REQUEUES=$MAX_REQUEUES): not requeueing; submit again to continue"
         exit 1
+    else
+        lm_log "requeueing (requeue $((restarts + 1)) of at most $MAX_REQUEUES); the run resumes from its newest complete checkpoint"
     fi
-    lm_log "requeueing (requeue $((restarts + 1)) of at most $MAX_REQUEUES); the run resumes from its last checkpoint"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 }

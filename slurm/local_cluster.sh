@@ -149,6 +149,8 @@ install_packages() {
         || die "apt-get install slurm-wlm munge failed"
 }
 
+# write_config [check]: write slurm.conf and the nodes' hosts file; with "check", only say (exit status)
+# whether the slurm.conf in place is the one this script writes now.
 write_config() {
     local hw last i names
     # CPUs, Boards, SocketsPerBoard, CoresPerSocket, ThreadsPerCore, RealMemory exactly as slurmd sees
@@ -210,6 +212,12 @@ NodeName=n[1-$NODES] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[$((PORT + 1
 PartitionName=debug Nodes=n[1-$NODES] Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=60
 PartitionName=urgent Nodes=n[1-$NODES] MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
+    if [[ ${1:-} == check ]]; then
+        local same=0
+        cmp -s "$CONF.tmp" "$CONF" || same=1
+        rm -f "$CONF.tmp"
+        return "$same"
+    fi
     mv "$CONF.tmp" "$CONF"
 
     # The nodes' hosts file: the machine's one plus n1..nN.
@@ -385,6 +393,9 @@ cmd_start() {
     if [[ -d $RUN && $running -eq $total && $total -gt 0 ]]; then
         if [[ $(cat "$RUN/nodes") != "$NODES" ]]; then
             die "already running with $(cat "$RUN/nodes") nodes under $BASE; run '$0 stop --base $BASE' first"
+        fi
+        if ! write_config check; then
+            die "running under $BASE with another slurm.conf than this script writes (an older version: no 'urgent' partition?); run '$0 stop --base $BASE' and start again"
         fi
         write_tools  # refresh env.sh and the sacct stand-in; the daemons are left alone
         log "already running under $BASE ($NODES nodes); use: source $BASE/env.sh"

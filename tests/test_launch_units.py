@@ -268,35 +268,48 @@ def test_ds_accelerator_cpu_keeps_a_gpu_machine_on_the_cpu(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ slurm/job_lib.sh
+PREEMPTED = "2026-11-27T03:40:03"  # scontrol's PreemptTime while a preempted job is in its grace time
+
+
 @pytest.mark.parametrize(
-    "signalled, terminated, status, stopped, state, restarts, requeued, said",
+    "signalled, terminated, status, ended, state, preempt, restarts, code, requeued, said",
     [
         # the warning signal, the ranks saved: requeue
-        ("1", "", 0, "37", "RUNNING", 0, True, "requeueing (requeue 1 of at most 3)"),
+        ("1", "", 0, "stopped 37", "RUNNING", "None", 0, 0, True, "requeueing (requeue 1 of at most 3)"),
         # a preemption with a grace time: no signal here, the launcher exited 1 after SIGTERM: requeue
-        ("", "", 1, "37", "RUNNING", 0, True, "the ranks saved step 37 and stopped (srun exited with 1)"),
+        ("", "", 1, "stopped 37", "RUNNING", PREEMPTED, 0, 0, True, "the ranks saved step 37 and stopped"),
+        # ... also when the launcher killed the ranks before they saved, and also at the cap (as Slurm would)
+        ("", "", 1, "", "RUNNING", PREEMPTED, 0, 0, True, "the ranks reported no save"),
+        ("", "", 1, "stopped 37", "RUNNING", PREEMPTED, 3, 0, True, "whatever MAX_REQUEUES"),
         # the signal came during the final save: the run finished, nothing to requeue
-        ("1", "", 0, "", "RUNNING", 0, False, "the run ended before it could stop"),
-        # a rank crashed after the signal: not requeued, srun's status
-        ("1", "", 1, "", "RUNNING", 0, False, "without saving: not requeueing"),
+        ("1", "", 0, "finished 40", "RUNNING", "None", 0, 0, False, "the run ended (step 40) before it could stop"),
+        # no word from the ranks (a TMPDIR private to the step): go by the signal and the clean exit
+        ("1", "", 0, "", "RUNNING", "None", 0, 0, True, "no word from the ranks"),
+        # a rank crashed after the signal, or without one: not requeued, srun's status
+        ("1", "", 1, "", "RUNNING", "None", 0, 1, False, "without saving: not requeueing"),
+        ("", "", 1, "", "RUNNING", "None", 0, 1, False, ""),
         # scancel or the time limit: this shell got SIGTERM too
-        ("", "1", 0, "37", "RUNNING", 0, False, ""),
-        ("1", "", 0, "37", "COMPLETING", 0, False, "the job is COMPLETING"),
-        ("1", "", 0, "37", "RUNNING", 3, False, "MAX_REQUEUES=3"),
+        ("", "1", 0, "stopped 37", "RUNNING", "None", 0, 0, False, ""),
+        ("1", "", 0, "stopped 37", "COMPLETING", "None", 0, 0, False, "the job is COMPLETING"),
+        # over the cap
+        ("1", "", 0, "stopped 37", "RUNNING", "None", 3, 1, False, "MAX_REQUEUES=3"),
     ],
 )
 def test_batch_script_requeue_decision(
-    fake_bin, tmp_path, signalled, terminated, status, stopped, state, restarts, requeued, said
+    fake_bin, tmp_path, signalled, terminated, status, ended, state, preempt, restarts, code, requeued, said
 ):
-    """lm_finish of the sbatch templates, with scontrol a stand-in that answers with STATE and logs a
-    requeue (the templates themselves run on the local cluster in test_slurm.py)."""
+    """lm_finish of the sbatch templates, with scontrol a stand-in that answers with STATE and PREEMPT and
+    logs a requeue (the templates themselves are preempted on the local cluster in test_slurm.py)."""
     calls = tmp_path / "calls"
-    stand_in(fake_bin, "scontrol", f'echo "$*" >>{calls}\necho "JobId=5 JobState={state} Restarts={restarts}"\n')
-    stop_file = tmp_path / "stopped"
-    if stopped:
-        stop_file.write_text(stopped + "\n")
+    stand_in(
+        fake_bin, "scontrol",
+        f'echo "$*" >>{calls}\necho "JobId=5 JobState={state} Restarts={restarts} PreemptTime={preempt} Reason=None"\n',
+    )  # fmt: skip
+    end_file = tmp_path / "ended"
+    if ended:
+        end_file.write_text(ended + "\n")
     script = (
-        f"source {REPO / 'slurm/job_lib.sh'}; STOP_SIGNAL=USR1; MAX_REQUEUES=3; LARGEMIM_STOP_FILE={stop_file}; "
+        f"source {REPO / 'slurm/job_lib.sh'}; STOP_SIGNAL=USR1; MAX_REQUEUES=3; LARGEMIM_END_FILE={end_file}; "
         f"LM_SIGNALLED={signalled}; LM_TERMINATED={terminated}; LM_STATUS={status}; lm_finish"
     )
     env = dict(os.environ, SLURM_JOB_ID="5", SLURM_RESTART_COUNT=str(restarts))
@@ -304,6 +317,5 @@ def test_batch_script_requeue_decision(
     requeues = [c for c in (calls.read_text().splitlines() if calls.exists() else []) if c.startswith("requeue")]
     assert requeues == (["requeue 5"] if requeued else []), proc.stdout
     assert said in proc.stdout
-    assert not stop_file.exists()  # read once: a later run of the same job starts without it
-    expected = 0 if requeued or state != "RUNNING" else (1 if restarts >= 3 else status)
-    assert proc.returncode == expected, proc.stdout
+    assert not end_file.exists()  # read once: a later run of the same job starts without it
+    assert proc.returncode == code, proc.stdout

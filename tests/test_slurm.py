@@ -50,11 +50,10 @@ exec cat "$1"
 def slurm_cluster():
     """The local cluster, started here if it is not running (and then stopped at the end)."""
     base = Path(os.environ.get("LARGEMIM_SLURM_BASE", "/tmp/largemim-slurm"))
-    started = False
-    if subprocess.run([str(CLUSTER), "status", "--base", str(base)], capture_output=True).returncode != 0:
-        proc = subprocess.run([str(CLUSTER), "start", "--base", str(base)], capture_output=True, text=True)
-        assert proc.returncode == 0, f"local cluster did not start:\n{proc.stdout}\n{proc.stderr}"
-        started = True
+    started = subprocess.run([str(CLUSTER), "status", "--base", str(base)], capture_output=True).returncode != 0
+    # start on a running cluster checks that it runs with the slurm.conf this checkout writes
+    proc = subprocess.run([str(CLUSTER), "start", "--base", str(base)], capture_output=True, text=True)
+    assert proc.returncode == 0, f"local cluster did not start:\n{proc.stdout}\n{proc.stderr}"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SLURM_CONF", str(base / "etc/slurm.conf"))
         mp.setenv("PATH", f"{base / 'bin'}{os.pathsep}{os.environ['PATH']}")  # the sacct stand-in
@@ -361,8 +360,8 @@ def test_deepspeed_template_two_nodes_matches_torchrun(torchrun_run, shards, tmp
 def test_templates_requeue_when_preempted(torchrun_run, shards, tmp_path, template):
     """A real preemption with a grace time: Slurm SIGTERMs the job's steps but not the batch script, and
     would requeue the job only when the grace time ends. The ranks save and stop; the script learns that
-    from the ranks (LARGEMIM_STOP_FILE) and requeues at once, instead of taking their exit for the end of
-    the run and letting the job end COMPLETED half-way."""
+    from the ranks (LARGEMIM_END_FILE) and requeues at once, instead of taking their exit for the end of
+    the run and letting the job end FAILED or COMPLETED half-way."""
     run = tmp_path / "run"
     job_id = sbatch_template(template, run, shards)
     wait_for_steps(run, 20, 240, run)
@@ -370,7 +369,7 @@ def test_templates_requeue_when_preempted(torchrun_run, shards, tmp_path, templa
     assert wait_until_ended(job_id, 300, run) == "COMPLETED", tail_logs(run)
     assert wait_until_ended(urgent, 60, run) == "COMPLETED"
     log = next(run.glob("slurm-*.out")).read_text()
-    assert "the ranks saved step" in log and "requeueing (requeue 1 of at most 20)" in log, tail_logs(run)
+    assert "the ranks saved step" in log and "requeueing (preempted: Slurm would requeue it" in log, tail_logs(run)
     assert_same_losses(run, torchrun_run, TEMPLATE_STEPS)
 
 

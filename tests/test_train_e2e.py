@@ -204,6 +204,31 @@ def _launch(run_dir, shards, overrides):
     )
 
 
+def test_a_stop_signal_in_the_last_step_finishes_the_run(tmp_path, shard_set):
+    """A signal during start-up stops the loop after its first step; with one step that is the last: the
+    run is complete (saved, reported "finished" to an sbatch template's batch script, which then does
+    not requeue it) and only its final pictures and evaluation are skipped."""
+    run, end_file = tmp_path / "run", tmp_path / "ended"
+    cmd = [sys.executable, "-m", "largemim.train", "--config", str(REPO / "largemim/recipes/mae_tiny_cpu.yaml"),
+           *TINY, f"data.shards={shard_set}", f"run.dir={run}", "train.steps=1", "train.warmup_steps=0",
+           "ds_config=ds_configs/zero2.json", "train.precision=fp32", "log.image_every_steps=1"]  # fmt: skip
+    env = dict(trainer_env(), LARGEMIM_END_FILE=str(end_file))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = []
+    for line in proc.stdout:  # the plan is logged before the engine is built: well before step 1 ends
+        out.append(line)
+        if "plan: 1 steps" in line:
+            proc.send_signal(signal.SIGUSR1)
+            break
+    out.append(proc.communicate(timeout=240)[0])
+    text = "".join(out)
+    assert proc.returncode == 0, text[-4000:]
+    assert "stopping at step 1 on SIGUSR1" in text and "that was the last step" in text, text[-3000:]
+    assert end_file.read_text() == "finished 1\n"
+    assert (run / "checkpoints/step_00000001/COMPLETE").is_file()
+    assert not (run / "reconstructions").exists() or not any((run / "reconstructions").iterdir())
+
+
 def test_stop_on_signal_then_resume_matches_uninterrupted_run(tmp_path, shard_set):
     common = [
         "ds_config=ds_configs/zero2.json", "train.precision=fp32", "train.steps=24", "checkpoint.every_steps=1000",

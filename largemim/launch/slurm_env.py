@@ -15,6 +15,7 @@ sees all of the node's GPUs and LOCAL_RANK picks one (``torch.cuda.set_device(LO
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -101,20 +102,19 @@ def requeue(job_id: str) -> None:
         raise RuntimeError(f"'scontrol requeue {job_id}' failed ({proc.returncode}): {stderr.strip()}")
 
 
-STOP_FILE = "LARGEMIM_STOP_FILE"
+END_FILE, END_HOST = "LARGEMIM_END_FILE", "LARGEMIM_END_HOST"
 
 
-def report_stop(local_rank: int, step: int) -> None:
-    """Tell an sbatch template's batch script (slurm/job_lib.sh) that the ranks stopped early, at ``step``,
-    and saved it. A preemption with a grace time SIGTERMs the job's steps but not the batch script, which
-    would take the ranks' exit for the end of the run and let the job end half-way, unrequeued. Each
-    node's local rank 0 writes the file that LARGEMIM_STOP_FILE names: the batch script runs on one of
-    the job's nodes, and the path need not be on shared storage."""
-    path = os.environ.get(STOP_FILE)
-    if not path or local_rank != 0:
+def report_end(local_rank: int, stopped_early: bool, step: int) -> None:
+    """Tell an sbatch template's batch script (slurm/job_lib.sh) how the ranks' run ended: "stopped STEP"
+    (saved, and stopped early: requeue) or "finished STEP". A preemption with a grace time SIGTERMs the
+    job's steps but not the batch script, which could not tell otherwise. Local rank 0 of the batch
+    script's node (LARGEMIM_END_HOST) writes the file LARGEMIM_END_FILE names: a node-local path."""
+    path, host = os.environ.get(END_FILE), os.environ.get(END_HOST)
+    if not path or local_rank != 0 or (host and host != socket.gethostname()):
         return
     try:
         with open(path, "w") as f:
-            f.write(f"{step}\n")
-    except OSError as e:  # only the batch script's node matters; a warning shows on every other one
-        print(f"largemim: could not write {STOP_FILE}={path} ({e}); a batch script on this node would not requeue")
+            f.write(f"{'stopped' if stopped_early else 'finished'} {step}\n")
+    except OSError as e:  # the script then goes by the signals it saw
+        print(f"largemim: could not write {END_FILE}={path} ({e}); the batch script decides without it", flush=True)
