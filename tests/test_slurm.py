@@ -210,25 +210,26 @@ URGENT = [
 
 @on_cluster
 @pytest.mark.parametrize(
-    "interrupt, reason",
+    "interrupt, reason, cap",
     [
         # what a preemption script sends: the ranks save and requeue the job themselves
-        (lambda job: ["scancel", "--signal=USR2", job], "requeue 1 of at most 20"),
+        (lambda job: ["scancel", "--signal=USR2", job], "requeue 1 of at most 20", "20"),
         # a real preemption (PreemptMode=REQUEUE, GraceTime=60): Slurm SIGTERMs the job's steps at once and
-        # would requeue the job itself 60 s later; the ranks save and requeue it within the grace time
-        (lambda job: URGENT, "requeue 1 of at most 20"),
+        # would requeue the job itself 60 s later, whatever --max-requeues, but not a job that has ended;
+        # the ranks save and requeue it at once, also at the cap
+        (lambda job: URGENT, "requeue 1, not capped", "0"),
         # Slurm's own requeue (a preemption without grace time, a node failure, an admin's scontrol requeue)
         # SIGTERMs the job: the ranks save, see that Slurm has requeued it already (its restart count is
         # past theirs) and leave without a result, so the chain says requeued and the next run finishes
-        (lambda job: ["scontrol", "requeue", job], "Slurm requeued the job"),
+        (lambda job: ["scontrol", "requeue", job], "Slurm requeued the job", "20"),
     ],
-    ids=["preemption-signal", "preemption", "requeue-by-slurm"],
+    ids=["preemption-signal", "preemption-at-the-cap", "requeue-by-slurm"],
 )
-def test_a_requeued_job_resumes_and_matches_uninterrupted_run(reference, shards, tmp_path, interrupt, reason):
+def test_a_requeued_job_resumes_and_matches_uninterrupted_run(reference, shards, tmp_path, interrupt, reason, cap):
     import submitit
 
     run = tmp_path / "run"
-    job_id = submit(submit_args(run, shards, "--time", "10"))
+    job_id = submit(submit_args(run, shards, "--time", "10", "--max-requeues", cap))
     wait_for_steps(run, 30, 240, run / "slurm")
     other = subprocess.run(interrupt(job_id), check=True, capture_output=True, text=True).stdout.strip()
     assert wait_until_ended(job_id, 300, run / "slurm") == "COMPLETED", tail_logs(run / "slurm")

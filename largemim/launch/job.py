@@ -151,6 +151,10 @@ class TrainJob:
                 decision[0] = (None, f"Slurm requeued the job (JobState {state}, restart {restarts})")
             elif state != "RUNNING":
                 decision[0] = (False, f"the job is {state} (cancelled, or ended by Slurm), so it is not requeued")
+            elif fields.get("PreemptTime", "None") not in ("None", "Unknown", ""):
+                # preempted with a grace time: Slurm would requeue the job itself when the grace time ends,
+                # whatever --max-requeues, but not once it has ended (as it would have, stopped at the cap)
+                decision[0] = (True, f"preempted at {fields['PreemptTime']}: requeue {task.restarts + 1}, not capped")
             elif task.restarts >= self.max_requeues:
                 cap = f"--max-requeues {self.max_requeues}"
                 decision[0] = (False, f"it has been requeued {task.restarts} times ({cap})")
