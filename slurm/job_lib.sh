@@ -82,7 +82,7 @@ lm_srun() {
     fi
     # How the ranks' run ended, from local rank 0 of this node (largemim.launch.slurm_env.report_end).
     export LARGEMIM_END_FILE="${TMPDIR:-/tmp}/largemim-end-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
-    LARGEMIM_END_HOST=$(hostname)
+    LARGEMIM_END_HOST=$(uname -n)  # what the ranks' socket.gethostname() says on this node
     export LARGEMIM_END_HOST
     rm -f "$LARGEMIM_END_FILE"
     srun "$@" &
@@ -103,12 +103,27 @@ lm_srun() {
     lm_log "srun exited with $LM_STATUS"
 }
 
+# lm_field KIND NAME KEY: one field of `scontrol show KIND NAME -o`, from NAME's own line (an array job
+# lists its tasks too), the first match; retried (a busy slurmctld times out now and then). Empty if
+# scontrol cannot tell.
+lm_field() {
+    local head out try
+    if [[ $1 == job ]]; then head="JobId=$2 "; else head="PartitionName=$2 "; fi
+    for try in 1 2 3; do
+        out=$(scontrol show "$1" -o "$2" 2>/dev/null | grep -m1 "^$head")
+        if [[ -n $out ]]; then break; fi
+        if ((try < 3)); then sleep 5; fi
+    done
+    grep -o " $3=[^ ]*" <<<" $out" | head -n 1 | cut -d= -f2-
+}
+
 # lm_finish: requeue this job, or exit with srun's status. Not after a SIGTERM to this shell (scancel, the
 # time limit) or once the job has left RUNNING. Requeue if the ranks saved and stopped early (under the
-# cap), if Slurm is preempting the job (PreemptTime set: Slurm would requeue it itself at the end of the
-# grace time; not capped), or, with no word from the ranks, if they exited 0 after the stop signal.
+# cap); if Slurm is preempting the job in REQUEUE mode (PreemptTime set: it would requeue the job itself
+# at the end of the grace time, not once the job has ended; so not capped, and also when the ranks
+# could not save); or, with no word from the ranks, if they exited 0 after the stop signal.
 lm_finish() {
-    local ended="" step="" fields state preempt restarts
+    local ended="" step="" state preempt="" restarts
     if [[ -f $LARGEMIM_END_FILE ]]; then
         read -r ended step <"$LARGEMIM_END_FILE"
         rm -f "$LARGEMIM_END_FILE"
@@ -120,10 +135,11 @@ lm_finish() {
         if [[ -n $LM_SIGNALLED ]]; then lm_log "the run ended (step $step) before it could stop: nothing to requeue"; fi
         exit "$LM_STATUS"
     fi
-    fields=$(scontrol show job -o "$SLURM_JOB_ID")
-    state=$(grep -o 'JobState=[A-Z_]*' <<<"$fields" | cut -d= -f2)
-    preempt=$(grep -o 'PreemptTime=[^ ]*' <<<"$fields" | cut -d= -f2)
-    if [[ $preempt == None ]]; then preempt=""; fi
+    state=$(lm_field job "$SLURM_JOB_ID" JobState)
+    if [[ $state == RUNNING && $(lm_field job "$SLURM_JOB_ID" PreemptTime) != None ]] \
+        && [[ $(lm_field partition "${SLURM_JOB_PARTITION:-}" PreemptMode) == *REQUEUE* ]]; then
+        preempt=$(lm_field job "$SLURM_JOB_ID" PreemptTime)
+    fi
     restarts=${SLURM_RESTART_COUNT:-0}
     if [[ $ended == stopped ]]; then
         lm_log "the ranks saved step $step and stopped (srun exited with $LM_STATUS)"
@@ -137,6 +153,10 @@ lm_finish() {
         fi
         exit "$LM_STATUS"
     fi
+    if [[ -z $state ]]; then
+        lm_log "error: 'scontrol show job $SLURM_JOB_ID' did not answer: not requeued; submit again to continue"
+        exit 1
+    fi
     if [[ $state != RUNNING ]]; then
         lm_log "the job is $state (cancelled or ended by Slurm): not requeueing"
         exit 0
@@ -144,11 +164,18 @@ lm_finish() {
     if [[ -n $preempt ]]; then
         lm_log "requeueing (preempted: Slurm would requeue it at the end of the grace time, whatever MAX_REQUEUES); the run resumes from its newest complete checkpoint"
     elif ((restarts >= MAX_REQUEUES)); then
-        lm_log "requeued $restarts times already (MAX_REQUEUES=$MAX_REQUEUES): not requeueing; submit again to continue"
+        lm_log "requeued $restarts times already (MAX_REQUEUES=$MAX_REQUEUES; preemptions count too): not requeueing; submit again to continue"
         exit 1
     else
         lm_log "requeueing (requeue $((restarts + 1)) of at most $MAX_REQUEUES); the run resumes from its newest complete checkpoint"
     fi
-    scontrol requeue "$SLURM_JOB_ID"
+    if ! scontrol requeue "$SLURM_JOB_ID"; then
+        if [[ $(lm_field job "$SLURM_JOB_ID" Restarts) -gt $restarts ]]; then
+            lm_log "Slurm requeued the job itself"
+            exit 0
+        fi
+        lm_log "error: 'scontrol requeue $SLURM_JOB_ID' failed: submit again to continue"
+        exit 1
+    fi
     exit 0
 }

@@ -271,40 +271,53 @@ def test_ds_accelerator_cpu_keeps_a_gpu_machine_on_the_cpu(monkeypatch):
 PREEMPTED = "2026-11-27T03:40:03"  # scontrol's PreemptTime while a preempted job is in its grace time
 
 
+# scontrol stand-in for lm_finish and _decide: answers for job 5 (with a sibling array task's line first)
+# and partition debug from $STATE, $RESTARTS, $PREEMPT, $MODE; logs each call.
+SCONTROL_JOB = """\
+echo "$*" >>"$CALLS"
+case "$1 $2" in
+"show job") echo "JobId=6 ArrayJobId=5 JobState=RUNNING Restarts=0 PreemptTime=None Partition=debug"
+            echo "JobId=5 JobName=a JobState=$STATE Restarts=$RESTARTS PreemptTime=$PREEMPT Partition=debug" ;;
+"show partition") echo "PartitionName=debug PreemptMode=$MODE GraceTime=60" ;;
+esac
+"""
+
+
 @pytest.mark.parametrize(
-    "signalled, terminated, status, ended, state, preempt, restarts, code, requeued, said",
+    "signalled, terminated, status, ended, state, preempt, mode, restarts, code, requeued, said",
     [
         # the warning signal, the ranks saved: requeue
-        ("1", "", 0, "stopped 37", "RUNNING", "None", 0, 0, True, "requeueing (requeue 1 of at most 3)"),
+        ("1", "", 0, "stopped 37", "RUNNING", "None", "REQUEUE", 0, 0, True, "requeueing (requeue 1 of at most 3)"),
         # a preemption with a grace time: no signal here, the launcher exited 1 after SIGTERM: requeue
-        ("", "", 1, "stopped 37", "RUNNING", PREEMPTED, 0, 0, True, "the ranks saved step 37 and stopped"),
+        ("", "", 1, "stopped 37", "RUNNING", PREEMPTED, "REQUEUE", 0, 0, True, "the ranks saved step 37 and stopped"),
         # ... also when the launcher killed the ranks before they saved, and also at the cap (as Slurm would)
-        ("", "", 1, "", "RUNNING", PREEMPTED, 0, 0, True, "the ranks reported no save"),
-        ("", "", 1, "stopped 37", "RUNNING", PREEMPTED, 3, 0, True, "whatever MAX_REQUEUES"),
+        ("", "", 1, "", "RUNNING", PREEMPTED, "REQUEUE", 0, 0, True, "the ranks reported no save"),
+        ("", "", 1, "stopped 37", "RUNNING", PREEMPTED, "REQUEUE", 3, 0, True, "whatever MAX_REQUEUES"),
+        # a preemption that cancels the job: requeued like after a warning signal, within the cap only
+        ("", "", 1, "stopped 37", "RUNNING", PREEMPTED, "CANCEL", 0, 0, True, "requeue 1 of at most 3"),
+        ("", "", 1, "stopped 37", "RUNNING", PREEMPTED, "CANCEL", 3, 1, False, "MAX_REQUEUES=3"),
+        ("", "", 1, "", "RUNNING", PREEMPTED, "CANCEL", 0, 1, False, ""),
         # the signal came during the final save: the run finished, nothing to requeue
-        ("1", "", 0, "finished 40", "RUNNING", "None", 0, 0, False, "the run ended (step 40) before it could stop"),
+        ("1", "", 0, "finished 40", "RUNNING", "None", "REQUEUE", 0, 0, False, "the run ended (step 40) before it"),
         # no word from the ranks (a TMPDIR private to the step): go by the signal and the clean exit
-        ("1", "", 0, "", "RUNNING", "None", 0, 0, True, "no word from the ranks"),
+        ("1", "", 0, "", "RUNNING", "None", "REQUEUE", 0, 0, True, "no word from the ranks"),
         # a rank crashed after the signal, or without one: not requeued, srun's status
-        ("1", "", 1, "", "RUNNING", "None", 0, 1, False, "without saving: not requeueing"),
-        ("", "", 1, "", "RUNNING", "None", 0, 1, False, ""),
+        ("1", "", 1, "", "RUNNING", "None", "REQUEUE", 0, 1, False, "without saving: not requeueing"),
+        ("", "", 1, "", "RUNNING", "None", "REQUEUE", 0, 1, False, ""),
         # scancel or the time limit: this shell got SIGTERM too
-        ("", "1", 0, "stopped 37", "RUNNING", "None", 0, 0, False, ""),
-        ("1", "", 0, "stopped 37", "COMPLETING", "None", 0, 0, False, "the job is COMPLETING"),
+        ("", "1", 0, "stopped 37", "RUNNING", "None", "REQUEUE", 0, 0, False, ""),
+        ("1", "", 0, "stopped 37", "COMPLETING", "None", "REQUEUE", 0, 0, False, "the job is COMPLETING"),
         # over the cap
-        ("1", "", 0, "stopped 37", "RUNNING", "None", 3, 1, False, "MAX_REQUEUES=3"),
+        ("1", "", 0, "stopped 37", "RUNNING", "None", "REQUEUE", 3, 1, False, "MAX_REQUEUES=3"),
     ],
 )
 def test_batch_script_requeue_decision(
-    fake_bin, tmp_path, signalled, terminated, status, ended, state, preempt, restarts, code, requeued, said
+    fake_bin, tmp_path, signalled, terminated, status, ended, state, preempt, mode, restarts, code, requeued, said
 ):
-    """lm_finish of the sbatch templates, with scontrol a stand-in that answers with STATE and PREEMPT and
-    logs a requeue (the templates themselves are preempted on the local cluster in test_slurm.py)."""
+    """lm_finish of the sbatch templates, with scontrol a stand-in (the templates themselves are preempted
+    on the local cluster in test_slurm.py)."""
     calls = tmp_path / "calls"
-    stand_in(
-        fake_bin, "scontrol",
-        f'echo "$*" >>{calls}\necho "JobId=5 JobState={state} Restarts={restarts} PreemptTime={preempt} Reason=None"\n',
-    )  # fmt: skip
+    stand_in(fake_bin, "scontrol", SCONTROL_JOB)
     end_file = tmp_path / "ended"
     if ended:
         end_file.write_text(ended + "\n")
@@ -312,10 +325,39 @@ def test_batch_script_requeue_decision(
         f"source {REPO / 'slurm/job_lib.sh'}; STOP_SIGNAL=USR1; MAX_REQUEUES=3; LARGEMIM_END_FILE={end_file}; "
         f"LM_SIGNALLED={signalled}; LM_TERMINATED={terminated}; LM_STATUS={status}; lm_finish"
     )
-    env = dict(os.environ, SLURM_JOB_ID="5", SLURM_RESTART_COUNT=str(restarts))
+    env = dict(
+        os.environ, SLURM_JOB_ID="5", SLURM_RESTART_COUNT=str(restarts), SLURM_JOB_PARTITION="debug",
+        CALLS=str(calls), STATE=state, RESTARTS=str(restarts), PREEMPT=preempt, MODE=mode,
+    )  # fmt: skip
     proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
     requeues = [c for c in (calls.read_text().splitlines() if calls.exists() else []) if c.startswith("requeue")]
     assert requeues == (["requeue 5"] if requeued else []), proc.stdout
     assert said in proc.stdout
     assert not end_file.exists()  # read once: a later run of the same job starts without it
     assert proc.returncode == code, proc.stdout
+
+
+@pytest.mark.parametrize(
+    "state, preempt, mode, restarts, decision",
+    [
+        ("RUNNING", "None", "REQUEUE", 0, (True, "requeue 1 of at most 3")),
+        ("RUNNING", "None", "REQUEUE", 3, (False, "it has been requeued 3 times (--max-requeues 3)")),
+        ("RUNNING", PREEMPTED, "REQUEUE", 3, (True, f"preempted at {PREEMPTED}: requeue 4, not capped")),
+        ("RUNNING", PREEMPTED, "CANCEL", 3, (False, "it has been requeued 3 times (--max-requeues 3)")),
+        ("COMPLETING", PREEMPTED, "REQUEUE", 0, (False, "the job is COMPLETING (cancelled, or ended by Slurm)")),
+        ("COMPLETING", "None", "REQUEUE", 1, (None, "Slurm requeued the job (JobState COMPLETING, restart 1)")),
+    ],
+)
+def test_largemim_submit_requeue_decision(fake_bin, tmp_path, monkeypatch, state, preempt, mode, restarts, decision):
+    """Rank 0's decision after a stop under largemim-submit, from scontrol's answers (a stand-in that also
+    lists a sibling array task first, whose fields must not be taken)."""
+    from largemim.launch.job import TrainJob
+    from largemim.launch.slurm_env import SlurmTask
+
+    stand_in(fake_bin, "scontrol", SCONTROL_JOB)
+    answers = dict(CALLS=tmp_path / "calls", STATE=state, RESTARTS=restarts, PREEMPT=preempt, MODE=mode)
+    for key, value in answers.items():
+        monkeypatch.setenv(key, str(value))
+    task = SlurmTask("5", 0 if restarts == 1 and state == "COMPLETING" else restarts, 0, 0, 1, 1, 0, ("n1",), "n1", 1)
+    requeue, reason = TrainJob(Config(), "SIGUSR2", max_requeues=3)._decide(task, 0)
+    assert requeue is decision[0] and reason.startswith(decision[1]), (requeue, reason)

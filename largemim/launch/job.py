@@ -140,7 +140,7 @@ class TrainJob:
         requeued the job itself (preemption in REQUEUE mode, a node failure, an admin's ``scontrol
         requeue``): its restart count is already past this run's, and its state is no longer RUNNING."""
         from largemim.distributed import broadcast_from_rank0
-        from largemim.launch.slurm_env import job_fields
+        from largemim.launch.slurm_env import job_fields, preempted_for_requeue
 
         decision: list = [None]
         if rank == 0:
@@ -151,7 +151,7 @@ class TrainJob:
                 decision[0] = (None, f"Slurm requeued the job (JobState {state}, restart {restarts})")
             elif state != "RUNNING":
                 decision[0] = (False, f"the job is {state} (cancelled, or ended by Slurm), so it is not requeued")
-            elif fields.get("PreemptTime", "None") not in ("None", "Unknown", ""):
+            elif preempted_for_requeue(fields):
                 # preempted with a grace time: Slurm would requeue the job itself when the grace time ends,
                 # whatever --max-requeues, but not once it has ended (as it would have, stopped at the cap)
                 decision[0] = (True, f"preempted at {fields['PreemptTime']}: requeue {task.restarts + 1}, not capped")

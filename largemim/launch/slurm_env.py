@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 
 
@@ -74,15 +75,42 @@ def check_gpu_binding(task: SlurmTask) -> None:
         )
 
 
-def job_fields(job_id: str) -> dict[str, str]:
-    """``scontrol show job``'s KEY=VALUE fields (JobState, Restarts, ...); {} if it cannot tell."""
+def _show(kind: str, name: str) -> dict[str, str]:
+    """``scontrol show KIND NAME -o``'s KEY=VALUE fields for exactly NAME; {} if it cannot tell. Only its
+    own line (an array job's id can list its tasks too), and the first of a repeated key."""
     try:
-        out = subprocess.run(
-            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60
-        ).stdout
+        out = subprocess.run(["scontrol", "show", kind, "-o", name], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.TimeoutExpired):
         return {}
-    return dict(word.split("=", 1) for word in out.split() if "=" in word)
+    head = {"job": "JobId", "partition": "PartitionName"}[kind] + f"={name} "
+    line = next((ln for ln in out.splitlines() if (ln + " ").startswith(head)), "")
+    fields: dict[str, str] = {}
+    for word in line.split():
+        if "=" in word:
+            key, value = word.split("=", 1)
+            fields.setdefault(key, value)
+    return fields
+
+
+def job_fields(job_id: str, tries: int = 3) -> dict[str, str]:
+    """``scontrol show job``'s KEY=VALUE fields (JobState, Restarts, PreemptTime, ...); {} if it cannot
+    tell after ``tries`` (5 s apart: a busy slurmctld times out now and then)."""
+    for attempt in range(tries):
+        fields = _show("job", job_id)
+        if fields or attempt == tries - 1:
+            return fields
+        time.sleep(5)
+    return {}
+
+
+def preempted_for_requeue(fields: dict[str, str]) -> bool:
+    """The job (``job_fields``) is RUNNING in a grace time before a preemption that requeues it: Slurm
+    will requeue it when the grace time ends, but not if it has ended by then. Not under PreemptMode
+    CANCEL (the job is to end). The mode is the partition's; a QOS-based one (preempt/qos) is not seen."""
+    if fields.get("JobState") != "RUNNING" or fields.get("PreemptTime", "None") in ("None", "Unknown", ""):
+        return False
+    mode = _show("partition", fields.get("Partition", "")).get("PreemptMode", "") if fields.get("Partition") else ""
+    return "REQUEUE" in mode.upper()
 
 
 def requeue(job_id: str) -> None:
