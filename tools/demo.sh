@@ -13,6 +13,6 @@ fi
 torchrun --nproc_per_node 2 --master_port "${MASTER_PORT:-29511}" -m largemim.train \
   --config largemim/recipes/mae_tiny_cpu.yaml run.dir="$RUN_DIR" ds_config=ds_configs/zero2.json "$@"
 echo
-echo "[demo] run folder: $RUN_DIR (metrics.jsonl, reconstructions/*.png, tb/, checkpoints/)"
+echo "[demo] run folder: $RUN_DIR (metrics.jsonl, eval.jsonl, reconstructions/*.png, tb/, checkpoints/)"
 echo "[demo] newest reconstruction: $(ls "$RUN_DIR"/reconstructions/*.png | tail -n 1)"
 echo "[demo] TensorBoard: tensorboard --logdir $RUN_DIR/tb"
