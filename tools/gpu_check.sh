@@ -3,36 +3,39 @@ case ":${PYTHONPATH:-}:" in
   *:/tmp/site:*) ;;
   *) echo "!! installing .whl/*.whl failed: deepspeed and friends may be missing"; export PYTHONPATH=/tmp/site:$PWD ;;
 esac
-# GPU check for issues 7 and 3: about 6 minutes on one H100/H200, run from the repository root with
-# .whl/ carried (deepspeed, timm, omegaconf, transformers and whatever of their dependencies the GPU
-# machine lacks). Every result is a JSON line in $OUT/bench.jsonl; each stage's full output is in
-# $OUT/<stage>.log and only its summary lines are printed here.
+# GPU check for issue 7 (and issue 3's device decoding): one H100/H200, run from the repository root with
+# .whl/ carried (deepspeed, omegaconf, webdataset and their dependencies the GPU image lacks; torch,
+# timm and transformers come with the image). Do not carry build/photo_sets unless it fits: tracked
+# files + .whl + carried paths must stay under the device tool's 64 MiB. Run it as
+#     BUDGET_S=380 bash tools/gpu_check.sh          (device timeout_s=480, then give the machine back)
+# Results: every result is a JSON line in $OUT/bench.jsonl; each stage's full output is a log in
+# $OUT/logs.tgz (packed after every stage: the device tool brings back at most 8 files of 16 MiB).
+# Afterwards, here: tools/memory_table.py --check bench.jsonl (predicted against measured peaks).
 #
-#   0. data.decode=device: nvJPEG's pixels against libjpeg's (tools/check_device_decode.py).
-#   1. MAE ViT-L/16, 224 px, bf16 (DeepSpeed's bf16 mode with largemim's multi-tensor gradient checks,
-#      the default), 100 timed steps on synthetic images, fused optimizer (DeepSpeed's FusedAdam if it
-#      JIT-compiles here, else torch's fused AdamW), then HF ViTMAE at the same batch, with operator
-#      counts; 2. the same with DeepSpeed's own per-tensor checks (train.foreach_grad_checks=false).
-#   3. ViT-H/14 (the issue's target) beside HF; 4. L/16 and H/14 with train.autocast=true; the
-#      data.decode=device loader timing if build/photo_sets was carried; 5. train.compile=true;
-#      6. ViT-g/14 beside HF. Then, if time is left: a profile of L/16 in both precision modes
-#      (tools/benchmark.py --profile), L/16 without the bf16 overflow test, at micro-batch 768 (the
-#      memory prediction's range), with activation checkpointing on every block, and under ZeRO-3;
-#      last, tools/memory_table.py --check on this session's peaks. Stages 1-3 fit BUDGET_S=420, and 4
-#      too when DeepSpeed's FusedAdam builds quickly (its build may take up to 95 s before stage 1).
+# Order = what issue 7 needs, first: MAE ViT-L/16 (100 timed steps, fused optimizer: DeepSpeed's
+# FusedAdam if it JIT-compiles here, else torch's fused AdamW; beside HF ViTMAE, with operator counts),
+# ViT-H/14 beside HF (the target: >= 50 % MFU, >= 2x HF), ViT-g/14 beside HF, then ViT-g/14 memory
+# points capped to 79 GiB (an 80 GB card, also on an H200) near the predicted largest micro-batch with
+# and without activation checkpointing. Then the optimisation notes: DeepSpeed's per-tensor gradient
+# checks (train.foreach_grad_checks=false), train.autocast=true, the device-decode check and loader
+# (if build/photo_sets was carried), train.compile=true, profiles, and the rest if time is left.
 #
-# Each stage runs under `timeout`, and a stage that would overrun the budget (BUDGET_S, default 420 s
+# Each stage runs under `timeout`, and a stage that would overrun the budget (BUDGET_S, default 380 s
 # after the install) is cut short or skipped, so one failure cannot eat the session.
 set -u
 OUT=${OUT:-$PWD/runs/gpu_check}
-mkdir -p "$OUT"
+LOGS=${LOGS:-/tmp/gpu_check_logs}
+mkdir -p "$OUT" "$LOGS"
 J="$OUT/bench.jsonl"
 : >"$J"
+pack() { tar czf "$OUT/logs.tgz.part" -C "$LOGS" . 2>/dev/null && mv -f "$OUT/logs.tgz.part" "$OUT/logs.tgz"; }
+trap pack EXIT
 unset DS_ACCELERATOR  # this machine's CPU-only setting must not travel
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8 TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
+export DS_SKIP_CUDA_CHECK=1  # the image's nvcc may differ from torch's CUDA in the minor version
 T0=$SECONDS
-BUDGET=${BUDGET_S:-420}
+BUDGET=${BUDGET_S:-380}
 
 nvidia-smi
 nvidia-smi --query-gpu=name,compute_cap,memory.total,clocks.max.sm,power.limit --format=csv
@@ -59,7 +62,7 @@ fi
 TORCH_CUDA_ARCH_LIST=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n1)
 export TORCH_CUDA_ARCH_LIST MAX_JOBS=16
 OPT=torch_fused
-if timeout --kill-after=5 90 python3 - >"$OUT/fusedadam.log" 2>&1 <<'EOF'
+if timeout --kill-after=5 90 python3 - >"$LOGS/fusedadam.log" 2>&1 <<'EOF'
 import torch
 from deepspeed.ops.adam import FusedAdam
 
@@ -74,7 +77,7 @@ EOF
 then
   OPT=deepspeed
 fi
-echo "== optimizer: optim.impl=$OPT ($(tail -n1 "$OUT/fusedadam.log")), after $((SECONDS - T0)) s"
+echo "== optimizer: optim.impl=$OPT ($(tail -n1 "$LOGS/fusedadam.log")), after $((SECONDS - T0)) s"
 
 stage() {  # stage NAME LIMIT_S benchmark-args...
   local name=$1 limit=$2
@@ -86,30 +89,28 @@ stage() {  # stage NAME LIMIT_S benchmark-args...
   fi
   ((limit > left)) && limit=$left
   echo "== $name: limit $limit s, started at $((SECONDS - T0)) s"
-  timeout --kill-after=10 "$limit" python3 tools/benchmark.py --jsonl "$J" "$@" >"$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" python3 tools/benchmark.py --jsonl "$J" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
-  grep -E "img/s|ratio:|ms per step|operators per step|^benchmark:|Error|error:" "$OUT/$name.log" | grep -v Warning | tail -n 8
+  grep -E "img/s|ratio:|ms per step|operators per step|^benchmark:|Error|error:" "$LOGS/$name.log" | grep -v Warning | tail -n 8
   if ((rc != 0)); then
     echo "   exit $rc; last lines:"
-    tail -n 15 "$OUT/$name.log"
+    tail -n 15 "$LOGS/$name.log"
   fi
   echo "== $name: exit $rc at $((SECONDS - T0)) s"
+  pack
   return $rc
 }
 
-# Issue 3 part 8: data.decode=device's nvJPEG pixels against libjpeg on the CPU (a few seconds).
-echo "== device decode check"
-timeout --kill-after=5 60 python3 tools/check_device_decode.py --device cuda >"$OUT/decode_check.log" 2>&1
-tail -n 4 "$OUT/decode_check.log"
-
 LARGE=(model.size=large model.patch_size=16 train.micro_batch=256)
+HUGE=(model.size=huge model.patch_size=14 train.micro_batch=128)
+GIANT=(model.size=giant model.patch_size=14)
 common() { COMMON=(train.precision=bf16 "optim.impl=$OPT" ds_config=ds_configs/zero2.json model.img_size=224); }
 common
 
 # Flash attention is not forced (a refusal would lose the stage); each JSON line says in "flash_attn"
 # whether SDPA's flash kernel accepts this GPU, precision and both head sizes.
-# Order (2026-11-26, session 4): what issue 7 needs measured next comes first. L/16 and g/14 in DeepSpeed's
-# bf16 mode are already in BENCHMARKS.md; the baseline is repeated (shorter) for same-session ratios.
+# 1. Issue 7's figures: L/16, H/14 and g/14 images/s and MFU beside HF, in the default mode (DeepSpeed's
+# bf16 weights, multi-tensor gradient checks).
 stage L16 90 --impl "$IMPL" --steps 100 --warmup 20 "${COMMON[@]}" "${LARGE[@]}" --count-ops 1
 rc=$?
 if ((rc != 0 && rc != 124 && rc != 137)) && [[ $OPT == deepspeed ]]; then  # failed, not timed out
@@ -118,47 +119,49 @@ if ((rc != 0 && rc != 124 && rc != 137)) && [[ $OPT == deepspeed ]]; then  # fai
   common
   stage L16_torchadam 90 --impl "$IMPL" --steps 100 --warmup 10 "${COMMON[@]}" "${LARGE[@]}"
 fi
-# The same with DeepSpeed's own per-tensor gradient checks (the 2026-11-26 baseline): what
-# train.foreach_grad_checks (on above, by default) gains, in one session (BENCHMARKS.md, notes row 13).
+stage H14 100 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" "${HUGE[@]}"
+stage g14 120 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" "${GIANT[@]}" train.micro_batch=128
+# 2. The memory table: g/14 on an 80 GB card (capped to 79 GiB here) near the predicted largest
+# micro-batch (BENCHMARKS.md: 309 without checkpointing, 1110 with every block; ZeRO-2), a few steps.
+stage g14_mb288_cap79 60 --impl largemim --steps 3 --warmup 2 --mem-cap-gib 79 "${COMMON[@]}" "${GIANT[@]}" \
+  train.micro_batch=288
+stage g14_ckpt_mb1024_cap79 90 --impl largemim --steps 2 --warmup 1 --mem-cap-gib 79 "${COMMON[@]}" "${GIANT[@]}" \
+  train.micro_batch=1024 model.grad_ckpt_every=1
+# 3. The optimisation notes (BENCHMARKS.md): DeepSpeed's own per-tensor gradient checks (row 13), and
+# DeepSpeed's torch_autocast mode (fp32 weights) at the L/16 and H/14 batches.
 stage L16_dsloops 60 --impl largemim --steps 60 --warmup 10 "${COMMON[@]}" "${LARGE[@]}" --count-ops 1 \
   train.foreach_grad_checks=false
-# The issue's target model in the default mode (bf16 weights, multi-tensor gradient checks) beside HF.
-stage H14 100 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" model.size=huge model.patch_size=14 \
-  train.micro_batch=128
-# DeepSpeed's torch_autocast mode (1.32x the bf16 mode before foreach_grad_checks), at the L/16 and H/14
-# batches: which precision mode should be the default.
 stage L16_autocast 60 --impl largemim --steps 60 --warmup 10 "${COMMON[@]}" "${LARGE[@]}" train.autocast=true
-stage H14_autocast 50 --impl largemim --steps 20 --warmup 5 "${COMMON[@]}" model.size=huge model.patch_size=14 \
-  train.micro_batch=128 train.autocast=true
-# Issue 3 part 8: data.decode=device (nvJPEG) against the CPU pipelines, on photo sets carried in
-# build/photo_sets (tools/make_photo_sets.py --imagenet 200 --web 80 keeps them under the 64 MiB carry with .whl/).
-if [[ -f build/photo_sets/web_size/manifest.json ]] && ((BUDGET - (SECONDS - T0) > 40)); then
-  echo "== loader: data.decode=device on the GPU, started at $((SECONDS - T0)) s"
-  timeout --kill-after=5 60 python3 tools/bench_loader.py --repeats 2 --device cuda >"$OUT/loader.log" 2>&1
-  tail -n 5 "$OUT/loader.log"
+stage H14_autocast 50 --impl largemim --steps 20 --warmup 5 "${COMMON[@]}" "${HUGE[@]}" train.autocast=true
+# 4. Issue 3: data.decode=device's nvJPEG pixels against libjpeg, and the loader on photo sets carried in
+# build/photo_sets (tools/make_photo_sets.py --imagenet 200 --web 80, if it fits the 64 MiB carry).
+if ((BUDGET - (SECONDS - T0) > 40)); then
+  echo "== device decode check"
+  timeout --kill-after=5 30 python3 tools/check_device_decode.py --device cuda >"$LOGS/decode_check.log" 2>&1
+  tail -n 4 "$LOGS/decode_check.log"
 fi
-# torch.compile of the objective (inductor) in the default mode; then ViT-g/14 beside HF.
-stage L16_compile 150 --impl largemim --steps 60 --warmup 15 "${COMMON[@]}" "${LARGE[@]}" train.compile=true
-stage g14 120 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" model.size=giant model.patch_size=14 \
-  train.micro_batch=128
-# Where the rest of the time goes against a plain loop (BENCHMARKS.md): 3 profiled steps of each precision
-# mode, the top kernels and whether the host or the GPU is the limit; traces in $OUT.
-stage L16_profile 70 --impl "$IMPL" --steps 5 --warmup 5 --profile 3 --trace-dir "$OUT/traces" "${COMMON[@]}" "${LARGE[@]}"
+if [[ -f build/photo_sets/web_size/manifest.json ]] && ((BUDGET - (SECONDS - T0) > 70)); then
+  echo "== loader: data.decode=device on the GPU, started at $((SECONDS - T0)) s"
+  timeout --kill-after=5 60 python3 tools/bench_loader.py --repeats 2 --device cuda >"$LOGS/loader.log" 2>&1
+  tail -n 5 "$LOGS/loader.log"
+fi
+pack
+# 5. If time is left: where the rest of the time goes (3 profiled steps of each precision mode, the top
+# kernels; no Chrome traces, which would not come back), the overflow test off, activation
+# checkpointing and ZeRO-3 at the L/16 batch, the memory prediction at 3x its checked micro-batch, and
+# torch.compile (last: inductor's first compile is long).
+stage L16_profile 70 --impl "$IMPL" --steps 5 --warmup 5 --profile 3 "${COMMON[@]}" "${LARGE[@]}"
 stage L16_autocast_profile 50 --impl largemim --steps 5 --warmup 5 --profile 3 "${COMMON[@]}" "${LARGE[@]}" \
   train.autocast=true
-# DeepSpeed's inf/NaN test of every gradient (bf16 mode), off: since train.foreach_grad_checks it costs
-# a few kernels and one sync (BENCHMARKS.md, notes row 10).
 stage L16_nocheck 40 --impl largemim --steps 40 --warmup 10 "${COMMON[@]}" "${LARGE[@]}" train.check_grad_overflow=false
-# The memory prediction (tools/memory_table.py) at three times the micro-batch it was checked at.
-stage L16_mb768 60 --impl largemim --steps 10 --warmup 3 "${COMMON[@]}" model.size=large model.patch_size=16 \
-  train.micro_batch=768
 stage L16_ckpt 60 --impl "$IMPL" --steps 30 --warmup 5 "${COMMON[@]}" "${LARGE[@]}" model.grad_ckpt_every=1
 stage L16_zero3 60 --impl largemim --steps 30 --warmup 5 "${COMMON[@]}" "${LARGE[@]}" ds_config=ds_configs/zero3.json
+stage L16_mb768 60 --impl largemim --steps 10 --warmup 3 "${COMMON[@]}" model.size=large model.patch_size=16 \
+  train.micro_batch=768
+stage L16_compile 150 --impl largemim --steps 60 --warmup 15 "${COMMON[@]}" "${LARGE[@]}" train.compile=true
 
 echo "== done after $((SECONDS - T0)) s; $(wc -l <"$J") JSON lines in $J"
-# Predicted against measured peak memory for every row above (counted on this machine's CPU; ~1 min).
-timeout --kill-after=5 120 python3 tools/memory_table.py --check "$J" --models large/16 --gpus 1 \
-  >"$OUT/memory_check.log" 2>&1 && grep -E "^\|" "$OUT/memory_check.log" | head -n 20
+echo "== predicted against measured memory: run tools/memory_table.py --check bench.jsonl on the CPU machine"
 python3 - "$J" <<'EOF'
 import json, sys
 
