@@ -431,7 +431,7 @@ cmd_start() {
     done
     wait_until_idle
 
-    log "started $NODES nodes (n1..n$NODES, partition debug) in $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }') s"
+    log "started $NODES nodes (n1..n$NODES, partitions debug and urgent, which preempts debug jobs) in $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }') s"
     sinfo
     cat <<EOF
 
