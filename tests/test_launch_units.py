@@ -361,3 +361,23 @@ def test_largemim_submit_requeue_decision(fake_bin, tmp_path, monkeypatch, state
     task = SlurmTask("5", 0 if restarts == 1 and state == "COMPLETING" else restarts, 0, 0, 1, 1, 0, ("n1",), "n1", 1)
     requeue, reason = TrainJob(Config(), "SIGUSR2", max_requeues=3)._decide(task, 0)
     assert requeue is decision[0] and reason.startswith(decision[1]), (requeue, reason)
+
+
+def test_status_shows_progress_and_the_last_representation_check(tmp_path):
+    """largemim-submit --status without Slurm: the job chain, the logged progress, the newest complete
+    checkpoint and the last representation check (a torn last line of either file is passed over)."""
+    from largemim.launch import chain
+
+    run = tmp_path / "run"
+    chain.record(run / "slurm", "submitted", job_id="7", max_requeues=20, nodes=2, tasks_per_node=1)
+    chain.record(run / "slurm", "started", job_id="7", restart=0, nodes=["n1", "n2"], step=0)
+    logged = "".join(json.dumps({"step": s, "loss": 1 / s}) + "\n" for s in (1, 2, 3))
+    (run / "metrics.jsonl").write_text(logged + '{"st')
+    (run / "eval.jsonl").write_text(json.dumps({"step": 2, "eval": "repr", "knn": 0.61234, "linear": 0.7}) + "\n\0\0")
+    (run / "checkpoints/step_00000002").mkdir(parents=True)
+    (run / "checkpoints/step_00000002/COMPLETE").write_text("{}")
+    (run / "checkpoints/step_00000003").mkdir()  # being written: no marker
+    lines = chain.format_status(run, query_slurm=False).splitlines()
+    assert lines[1].startswith("job 7: (not known to Slurm any more), 0 requeue(s) (cap 20), 2 node(s) x 1 task(s)")
+    assert lines[-2] == "progress: step 3, last loss 0.3333; newest complete checkpoint: step 2"
+    assert lines[-1] == "representation check: step 2, kNN 0.612, linear 0.700"

@@ -70,17 +70,23 @@ def _clock(t: float) -> str:
     return time.strftime("%m-%d %H:%M:%S", time.localtime(t))
 
 
-def _last_metrics(run_dir: Path) -> dict | None:
-    path = run_dir / "metrics.jsonl"
+def _last_record(path: Path) -> dict | None:
+    """The last readable line of a JSON-lines file (metrics.jsonl, eval.jsonl); None if there is none."""
     if not path.is_file():
         return None
     last = None
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            last = json.loads(line)
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except ValueError:
             continue
+        if isinstance(record, dict):
+            last = record
     return last
+
+
+def _last_metrics(run_dir: Path) -> dict | None:
+    return _last_record(run_dir / "metrics.jsonl")
 
 
 def _newest_checkpoint(run_dir: Path) -> int | None:
@@ -143,4 +149,8 @@ def format_status(run_dir: Path, query_slurm: bool = True) -> str:
         progress += "no step logged yet"
     progress += f"; newest complete checkpoint: {'step ' + str(ckpt) if ckpt is not None else 'none'}"
     lines.append(progress)
+    check = _last_record(run_dir / "eval.jsonl")
+    if check and "knn" in check and "linear" in check:
+        knn, linear = check["knn"], check["linear"]
+        lines.append(f"representation check: step {check['step']}, kNN {knn:.3f}, linear {linear:.3f}")
     return "\n".join(lines)
