@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from largemim.files import write_atomic
 from largemim.signals import held
 
 log = logging.getLogger(__name__)
@@ -46,20 +47,6 @@ def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 def read_marker(folder: Path) -> dict:
     return json.loads((folder / MARKER).read_text())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _mtime(path: Path) -> float:
@@ -107,7 +94,7 @@ class Checkpointer:
                 "zero_stage": engine.zero_optimization_stage(),
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
-            _write_atomic(folder / MARKER, json.dumps(meta))
+            write_atomic(folder / MARKER, json.dumps(meta))
             self._prune()
             log.info("saved checkpoint %s in %.1fs", folder, time.time() - t0)
         dist.barrier()
@@ -195,7 +182,7 @@ class Checkpointer:
             try:
                 self._convert(folder, out, meta, failed)
             except BaseException as e:  # the other ranks wait on the file system: tell them, however it failed
-                _write_atomic(failed, f"{type(e).__name__}: {e}"[-3000:])
+                write_atomic(failed, f"{type(e).__name__}: {e}"[-3000:])
                 raise
         elif self.rank != 0:
             # A ViT-g's conversion can outlast a collective's timeout: wait on the file system, not a barrier.
@@ -235,7 +222,7 @@ class Checkpointer:
             )
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
-        _write_atomic(out / MARKER, json.dumps({**meta, "universal": True}))
+        write_atomic(out / MARKER, json.dumps({**meta, "universal": True}))
         log.info("converted to %s in %.1fs", out, time.time() - t0)
 
     def load_latest(self, engine, universal: Path | None = None) -> dict | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from largemim.config import Config
 from largemim.data.augment import EvalTransform
 from largemim.distributed import broadcast_from_rank0
 from largemim.evaluation.represent import LabelledSet, check_encoder, load_labelled, pixel_baseline
+from largemim.files import write_atomic
 from largemim.visualize import reconstruction_grid
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,7 @@ class Monitor:
         if self.rank != 0:
             return {}
         result["raw_pixels"] = pixel_baseline(self.train_set, self.test_set, k=e.knn_k)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(result, indent=1))
         return result
 
     @torch.no_grad()

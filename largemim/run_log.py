@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
+
+from largemim.files import write_atomic
 
 log = logging.getLogger("largemim")
 
@@ -21,7 +22,7 @@ def setup_console(rank: int) -> None:
     )
 
 
-def metrics_records(text: str) -> tuple[list[tuple[str, dict]], int]:
+def jsonl_records(text: str) -> tuple[list[tuple[str, dict]], int]:
     """A JSON-lines file's (metrics.jsonl, eval.jsonl) lines with their records, and how many lines were
     torn (a run killed while writing can leave a partial or zero-filled line): those are left out."""
     records, torn = [], 0
@@ -49,13 +50,11 @@ def _truncate_after(path: Path, step: int) -> None:
     crash during the rewrite leaves the old file."""
     if not path.exists():
         return
-    records, torn = metrics_records(path.read_text(errors="replace"))
+    records, torn = jsonl_records(path.read_text(errors="replace"))
     kept = [line for line, record in records if record.get("step", 0) <= step]
     if torn:
         log.warning("%s: dropped %d unreadable line(s) (a run killed while writing)", path, torn)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(ln + "\n" for ln in kept))
 
 
 class RunLog:

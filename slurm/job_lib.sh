@@ -103,10 +103,9 @@ lm_srun() {
     lm_log "srun exited with $LM_STATUS"
 }
 
-# lm_field KIND NAME KEY: one field of `scontrol show KIND NAME -o`, from NAME's own line (an array job
-# lists its tasks too), the first match; retried (a busy slurmctld times out now and then). Empty if
-# scontrol cannot tell.
-lm_field() {
+# lm_show KIND NAME: the line of `scontrol show KIND NAME -o` that is NAME's own (an array job lists its
+# tasks too); retried (a busy slurmctld times out now and then). Empty if scontrol cannot tell.
+lm_show() {
     local head out try
     if [[ $1 == job ]]; then head="JobId=$2 "; else head="PartitionName=$2 "; fi
     for try in 1 2 3; do
@@ -114,7 +113,12 @@ lm_field() {
         if [[ -n $out ]]; then break; fi
         if ((try < 3)); then sleep 5; fi
     done
-    grep -o " $3=[^ ]*" <<<" $out" | head -n 1 | cut -d= -f2-
+    echo "$out"
+}
+
+# lm_get LINE KEY: KEY's value in a line from lm_show (the first match).
+lm_get() {
+    grep -o " $2=[^ ]*" <<<" $1" | head -n 1 | cut -d= -f2-
 }
 
 # lm_finish: requeue this job, or exit with srun's status. Not after a SIGTERM to this shell (scancel, the
@@ -123,7 +127,7 @@ lm_field() {
 # at the end of the grace time, not once the job has ended; so not capped, and also when the ranks
 # could not save); or, with no word from the ranks, if they exited 0 after the stop signal.
 lm_finish() {
-    local ended="" step="" state preempt="" restarts
+    local ended="" step="" job state preempt restarts
     if [[ -f $LARGEMIM_END_FILE ]]; then
         read -r ended step <"$LARGEMIM_END_FILE"
         rm -f "$LARGEMIM_END_FILE"
@@ -135,10 +139,12 @@ lm_finish() {
         if [[ -n $LM_SIGNALLED ]]; then lm_log "the run ended (step $step) before it could stop: nothing to requeue"; fi
         exit "$LM_STATUS"
     fi
-    state=$(lm_field job "$SLURM_JOB_ID" JobState)
-    if [[ $state == RUNNING && $(lm_field job "$SLURM_JOB_ID" PreemptTime) != None ]] \
-        && [[ $(lm_field partition "${SLURM_JOB_PARTITION:-}" PreemptMode) == *REQUEUE* ]]; then
-        preempt=$(lm_field job "$SLURM_JOB_ID" PreemptTime)
+    job=$(lm_show job "$SLURM_JOB_ID")  # asked once: the state and preemption below are of one moment
+    state=$(lm_get "$job" JobState)
+    preempt=$(lm_get "$job" PreemptTime)
+    if [[ $state != RUNNING || -z $preempt || $preempt == None ]] \
+        || [[ $(lm_get "$(lm_show partition "${SLURM_JOB_PARTITION:-}")" PreemptMode) != *REQUEUE* ]]; then
+        preempt=""
     fi
     restarts=${SLURM_RESTART_COUNT:-0}
     if [[ $ended == stopped ]]; then
@@ -170,7 +176,7 @@ lm_finish() {
         lm_log "requeueing (requeue $((restarts + 1)) of at most $MAX_REQUEUES); the run resumes from its newest complete checkpoint"
     fi
     if ! scontrol requeue "$SLURM_JOB_ID"; then
-        if [[ $(lm_field job "$SLURM_JOB_ID" Restarts) -gt $restarts ]]; then
+        if [[ $(lm_get "$(lm_show job "$SLURM_JOB_ID")" Restarts) -gt $restarts ]]; then
             lm_log "Slurm requeued the job itself"
             exit 0
         fi

@@ -19,13 +19,13 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from largemim.run_log import metrics_records
+from largemim.run_log import jsonl_records
 
 
 def logged_checks(path: Path) -> dict[int, dict[str, float]]:
     """step -> {"knn": ..., "linear": ...} from eval.jsonl (the newest line per step wins)."""
     out: dict[int, dict[str, float]] = {}
-    records, _ = metrics_records(path.read_text(errors="replace"))
+    records, _ = jsonl_records(path.read_text(errors="replace"))
     for _, r in records:
         if r.get("eval") == "repr" and "step" in r:
             out[r["step"]] = {k: v for k, v in r.items() if k in ("knn", "linear")}
@@ -53,7 +53,7 @@ def main() -> None:
     run = args.run_dir
     if not (run / "metrics.jsonl").is_file():
         sys.exit(f"{run} has no metrics.jsonl: is it a run folder (run.dir of a training)?")
-    records, _ = metrics_records((run / "metrics.jsonl").read_text(errors="replace"))  # torn lines left out
+    records, _ = jsonl_records((run / "metrics.jsonl").read_text(errors="replace"))  # torn lines left out
     metrics = {r["step"]: r for _, r in records if "step" in r}
     if (run / "eval.jsonl").is_file():
         checks = logged_checks(run / "eval.jsonl")

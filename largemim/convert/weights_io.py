@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from largemim.convert.arch import METADATA_KEY, MIMArch
 from largemim.convert.safe_load import load_torch
+from largemim.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,7 @@ def save_weights(sd: dict[str, torch.Tensor], path: str | Path, arch: MIMArch | 
         torch.save(sd, tmp)
         side = Path(str(path) + ".json")  # the architecture beside a torch file; never an older run's
         if arch is not None:
-            side_tmp = side.with_name(side.name + ".tmp")
-            side_tmp.write_text(arch.to_json())
-            os.replace(side_tmp, side)
+            write_atomic(side, arch.to_json())
         else:
             side.unlink(missing_ok=True)
     else:

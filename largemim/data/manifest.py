@@ -11,6 +11,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from largemim.files import write_atomic
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "largemim-shards/1"
 
@@ -37,9 +39,7 @@ class Manifest:
     def save(self, folder: str | os.PathLike) -> Path:
         """Write atomically, so a crash never leaves a half-written manifest."""
         path = Path(folder) / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        write_atomic(path, self.to_json())
         return path
 
     @classmethod

@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from largemim.run_log import jsonl_records
+
 CHAIN = "chain.jsonl"
 
 
@@ -74,15 +76,8 @@ def _last_record(path: Path) -> dict | None:
     """The last readable line of a JSON-lines file (metrics.jsonl, eval.jsonl); None if there is none."""
     if not path.is_file():
         return None
-    last = None
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            last = record
-    return last
+    records, _ = jsonl_records(path.read_text(errors="replace"))
+    return records[-1][1] if records else None
 
 
 def _last_metrics(run_dir: Path) -> dict | None:
