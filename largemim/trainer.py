@@ -307,8 +307,9 @@ def train(cfg: Config, env: DistEnv) -> dict:
                 scalars["skipped_samples"] = float(total_skipped)
             run_log.step(step, scalars, plan.global_batch)
         # Before pictures, the representation check and the periodic save: the grace time before the
-        # scheduler kills the job goes to the one save that matters.
-        if stopper.agreed():
+        # scheduler kills the job goes to the one save that matters. poll reads the previous step's
+        # agreement, so a signal stops the run one step after it came (see signals.py).
+        if stopper.poll():
             return stop_here()
         if cfg.log.image_every_steps and step % cfg.log.image_every_steps == 0 and step < plan.total_steps:
             monitor.reconstruction(step, run_log)
@@ -326,6 +327,8 @@ def train(cfg: Config, env: DistEnv) -> dict:
             # is a collective and a host sync.
             if stopper.agreed():
                 return stop_here()
+    if stopper.agreed():  # a signal in the last step(s), which poll has not reported yet
+        return stop_here()
     if last_saved != step:
         save(step)
     monitor.reconstruction(step, run_log)

@@ -381,3 +381,51 @@ def test_status_shows_progress_and_the_last_representation_check(tmp_path):
     assert lines[1].startswith("job 7: (not known to Slurm any more), 0 requeue(s) (cap 20), 2 node(s) x 1 task(s)")
     assert lines[-2] == "progress: step 3, last loss 0.3333; newest complete checkpoint: step 2"
     assert lines[-1] == "representation check: step 2, kNN 0.612, linear 0.700"
+
+
+# ------------------------------------------------------------------- agreeing on the step to stop at
+def _rank_polls(rank: int, port: int, signal_before: int, results) -> None:
+    """One of 2 gloo ranks calling ``poll`` after each of 6 steps; rank 1 gets SIGUSR2 before call
+    ``signal_before`` (0: never); then one blocking ``agreed``."""
+    import signal
+
+    import torch
+    import torch.distributed as dist
+
+    from largemim.signals import StopOnSignal
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    stopper = StopOnSignal(["SIGUSR2"], torch.device("cpu"))
+    polls = []
+    for call in range(1, 7):
+        if rank == 1 and call == signal_before:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        polls.append(stopper.poll())
+    final = stopper.agreed()
+    stopper.restore()
+    dist.destroy_process_group()
+    results.put((rank, polls, final))
+
+
+@pytest.mark.parametrize(
+    "signal_before, first_true",
+    [(1, 1), (2, 3), (3, 4), (6, None)],  # start-up: at once; later: one call after the signal's step
+)
+def test_ranks_agree_on_a_stop_one_step_after_the_signal(signal_before, first_true):
+    """poll reads the previous call's all-reduce, so the host never waits for the device's step: both
+    ranks see True from the same call, one after the step in which rank 1 was signalled (the first call
+    blocks, so a signal during start-up stops after step 1); agreed() settles what poll left in flight."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_polls, args=(r, port, signal_before, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    out = {r: (polls, final) for r, polls, final in (results.get(timeout=120) for _ in procs)}
+    for p in procs:
+        p.join(30)
+    assert out[0] == out[1], out
+    polls, final = out[0]
+    expected_first = polls.index(True) + 1 if True in polls else None
+    assert expected_first == first_true, polls
+    assert final is True  # every case signalled by the last call

@@ -140,6 +140,11 @@ if ((BUDGET - (SECONDS - T0) > 40)); then
   timeout --kill-after=5 30 python3 tools/check_device_decode.py --device cuda >"$LOGS/decode_check.log" 2>&1
   tail -n 4 "$LOGS/decode_check.log"
 fi
+if ((BUDGET - (SECONDS - T0) > 40)); then  # the trainer's per-step stop check must not wait for the GPU
+  echo "== stop-check poll"
+  timeout --kill-after=5 30 python3 tools/check_stop_poll.py >"$LOGS/stop_poll.log" 2>&1
+  tail -n 3 "$LOGS/stop_poll.log"
+fi
 if [[ -f build/photo_sets/web_size/manifest.json ]] && ((BUDGET - (SECONDS - T0) > 70)); then
   echo "== loader: data.decode=device on the GPU, started at $((SECONDS - T0)) s"
   timeout --kill-after=5 60 python3 tools/bench_loader.py --repeats 2 --device cuda >"$LOGS/loader.log" 2>&1
