@@ -73,6 +73,9 @@ class ObjectiveConfig:
     ema_end: float = 0.9999
     ema_steps: int = 10000
     target_layers: int = 6  # average the top-K teacher blocks' FFN outputs
+    # each target block's normalisation before the average: layer (per patch over channels, the paper's
+    # choice for vision) | instance (per channel over patches, the paper's speech recipe)
+    target_norm: str = "layer"
     regression_loss: str = "smooth_l1"  # smooth_l1 | mse
     smooth_l1_beta: float = 2.0
 
@@ -450,6 +453,8 @@ def check_objective(cfg: Config) -> None:
             raise ConfigError(
                 f"objective.target_layers={o.target_layers} must be between 1 and the encoder depth ({depth})"
             )
+        if o.target_norm not in ("layer", "instance"):
+            raise ConfigError(f"objective.target_norm={o.target_norm!r} must be layer or instance (data2vec: layer)")
         if o.regression_loss not in ("smooth_l1", "mse"):
             raise ConfigError(f"objective.regression_loss={o.regression_loss!r} must be smooth_l1 or mse")
         if o.regression_loss == "smooth_l1" and o.smooth_l1_beta <= 0:

@@ -319,6 +319,22 @@ def test_beit_predicts_frozen_tokenizer_ids_of_hidden_patches(tmp_path):
     assert picture.shape[0] == 3
 
 
+def test_beit_targets_ignore_autocast(tmp_path):
+    """train.autocast runs the whole forward under bf16 autocast; the frozen tokenizer's ids (the targets)
+    must still be its fp32 ones: without the guard about a tenth of them changed (a trained tokenizer)."""
+    tok = make_tokenizer(tmp_path / "tok.safetensors", vocab=256)
+    cfg = nano_cfg("beit", f"objective.tokenizer={tok}", "objective.vocab_size=256", "objective.min_block_patches=2")
+    model: BEiT = build_objective(cfg)
+    images = torch.randn(64, 3, 16, 16)
+    fp32 = model.tokenizer.tokens(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.tokenizer.tokens(images)
+        dvae, _ = load_tokenizer(tok)  # the guard's absence, for contrast: the same call without it differs
+        unguarded = dvae.tokens(model.tokenizer._to_own_normalisation(images))
+    assert torch.equal(mixed, fp32)
+    assert not torch.equal(unguarded, fp32)
+
+
 def test_beit_refuses_a_tokenizer_that_does_not_fit(tmp_path):
     tok = make_tokenizer(tmp_path / "tok.safetensors", img_size=32, patch=8, vocab=64)  # a 4x4 grid at 32 px
     with pytest.raises(ConfigError, match=r"image size 32 \(model.img_size is 16\).*vocab_size is 32; set it to 64"):
@@ -344,8 +360,9 @@ def d2v_cfg(*overrides):
     return nano_cfg("data2vec", "objective.target_layers=2", "objective.min_block_patches=2", *overrides)
 
 
-def test_data2vec_targets_are_instance_normed_ffn_outputs_of_top_blocks():
-    model: Data2Vec = build_objective(d2v_cfg())
+@pytest.mark.parametrize("norm", ["layer", "instance"])
+def test_data2vec_targets_are_normed_ffn_outputs_of_top_blocks(norm):
+    model: Data2Vec = build_objective(d2v_cfg(f"objective.target_norm={norm}"))
     images = torch.randn(2, 3, 16, 16)
     teacher = model.teacher
     x = torch.cat([teacher.cls_token + teacher.pos_embed[:, :1].expand(2, -1, -1), teacher.embed_patches(images)], 1)
@@ -356,10 +373,22 @@ def test_data2vec_targets_are_instance_normed_ffn_outputs_of_top_blocks():
         ffn.append(y[:, 1:])
         x = x + y
     expected = []
+    dim = 1 if norm == "instance" else 2  # per channel over the patches, or per patch over the channels
     for y in ffn[-2:]:
-        mu, var = y.mean(1, keepdim=True), y.var(1, unbiased=False, keepdim=True)
+        mu, var = y.mean(dim, keepdim=True), y.var(dim, unbiased=False, keepdim=True)
         expected.append((y - mu) / torch.sqrt(var + 1e-5))
     assert torch.allclose(model.targets(images), sum(expected) / 2, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["smooth_l1", "mse"])
+def test_data2vec_loss_is_summed_over_channels_over_sqrt_dim(loss):
+    """fairseq's scale: per hidden patch, the sum over the D channels / sqrt(D); then the mean over patches."""
+    model: Data2Vec = build_objective(d2v_cfg(f"objective.regression_loss={loss}", "objective.smooth_l1_beta=0.5"))
+    pred, target = torch.randn(7, 32), torch.randn(7, 32)
+    diff = (pred - target).abs()
+    per_value = torch.where(diff < 0.5, 0.5 * diff**2 / 0.5, diff - 0.25) if loss == "smooth_l1" else diff**2
+    expected = (per_value.sum(-1) / 32**0.5).mean()
+    assert model.regression(pred, target).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_data2vec_teacher_is_an_ema_of_the_student():
@@ -479,9 +508,9 @@ def test_data2vec_loss_is_the_regression_on_hidden_patches():
             (model.encoder.patch_embed(images) * ~mask[..., None] + model.mask_token * mask[..., None])
             + model.encoder.pos_embed[:, 1:]
         )[:, 1:]
-        expected = fn(model.head(h[mask]), model.targets(images)[mask])
+        expected = fn(model.head(h[mask]), model.targets(images)[mask]) * h.shape[-1] ** 0.5  # fairseq's scale
         assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
-        assert out["target_std"].item() > 0.5  # instance-normalised targets
+        assert out["target_std"].item() > 0.3  # normalised targets: spread across patches, not a constant
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -542,7 +571,7 @@ def test_data2vec_overfits_a_batch():
     losses, out = _overfit(model, 300)
     torch.manual_seed(0)
     targets = model.targets(torch.randn(8, 3, 16, 16))  # the batch _overfit trained on
-    predict_zero = F.smooth_l1_loss(torch.zeros_like(targets), targets, beta=2.0).item()
+    predict_zero = model.regression(torch.zeros_like(targets), targets).item()
     assert np.mean(losses[-10:]) < 0.5 * predict_zero, (losses[::25], predict_zero)
     assert out["pred_std"].item() > 0.3  # not collapsed to a constant
 

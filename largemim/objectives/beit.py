@@ -56,13 +56,16 @@ class FrozenTokenizer:
 
     @torch.no_grad()
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, L) token ids, in fp32 whatever the training precision."""
-        return self._load(images.device).tokens(self._to_own_normalisation(images))
+        """(N, L) token ids, in fp32 whatever the training precision: also under ``train.autocast``, whose
+        bf16 convolutions would change about a tenth of the ids (the targets) against the tokenizer's own."""
+        with torch.autocast(images.device.type, enabled=False):
+            return self._load(images.device).tokens(self._to_own_normalisation(images))
 
     @torch.no_grad()
     def decode_pixels(self, ids: torch.Tensor) -> torch.Tensor:
         """[0, 1] pixels (N, C, H, W) on the CPU decoded from token ids."""
-        decoded = self._load(ids.device).decode(ids)
+        with torch.autocast(ids.device.type, enabled=False):
+            decoded = self._load(ids.device).decode(ids)
         return to_pixels(decoded, self.meta.mean, self.meta.std)
 
 

@@ -4,12 +4,16 @@ Vision and Language"), for images: regress a teacher's contextual features of th
 The teacher is an exponential moving average of the student ViT (all of it: patch embedding, blocks,
 norms), sees the whole image, and gives the targets: for each of its top ``target_layers`` blocks, the
 output of the block's feed-forward network before the residual connection adds it (the paper's choice,
-Section 3.3; fairseq's released vision configs take the block output after the residual instead),
-instance-normalised over the patch tokens per channel (class token excluded), then averaged over the
-blocks. The student sees the image with block-masked patches (60 %) replaced by a mask token and a
-linear head regresses the targets of the hidden patches with smooth L1 (beta 2) or MSE, averaged over
-hidden patches x channels (fairseq sums over channels and scales by 1/sqrt(D): the same up to a
-constant).
+Section 3.3; fairseq's released vision config takes the block output after the residual instead),
+normalised without parameters, then averaged over the blocks. The normalisation (``target_norm``) is the
+paper's for vision, a layer norm of each patch token over its channels, or its speech recipe, an
+instance norm of each channel over the patch tokens (class token excluded; the earlier default here).
+fairseq's released vision config layer-norms the average instead. The student sees the image with
+block-masked patches (60 %) replaced by a mask token and a linear head regresses the targets of the
+hidden patches with smooth L1 (beta 2) or MSE, summed over the channels and scaled by 1/sqrt(D), then
+averaged over the hidden patches: fairseq's scale, so that its gradient clip (3.0) means the same here
+(a mean over the channels too would make the gradients sqrt(D) times smaller and the clip that much
+looser).
 
 The decay rises linearly from ``ema_start`` to ``ema_end`` over ``ema_steps`` optimizer steps; the
 trainer calls ``after_step(step)`` on every rank after each optimizer step. The teacher's parameters are
@@ -28,6 +32,7 @@ for ViT-B and +1.72 GiB for ViT-L; step time +5 ms (67 -> 71 ms) and +81 ms (154
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -51,12 +56,16 @@ class Data2Vec(nn.Module):
         loss: str = "smooth_l1",
         beta: float = 2.0,
         init: bool = True,
+        target_norm: str = "layer",
     ):
         super().__init__()
         if not 1 <= target_layers <= len(encoder.blocks):
             raise ValueError(f"target_layers={target_layers} must be between 1 and the depth {len(encoder.blocks)}")
         self.encoder, self.masks = encoder, masks
+        if target_norm not in ("layer", "instance"):
+            raise ValueError(f"target_norm={target_norm!r} must be layer or instance")
         self.target_layers, self.loss_name, self.beta = target_layers, loss, beta
+        self.target_norm = target_norm
         self.ema_start, self.ema_end, self.ema_steps = ema
         self.teacher = ViTEncoder(encoder.size, encoder.img_size, encoder.patch_size, encoder.in_chans)
         self.teacher.requires_grad_(False)
@@ -115,12 +124,16 @@ class Data2Vec(nn.Module):
 
     @torch.no_grad()
     def targets(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, L, D) fp32: the top blocks' FFN outputs of the teacher, each instance-normalised over the
-        patch tokens, averaged."""
+        """(N, L, D) fp32: the top blocks' FFN outputs of the teacher, each normalised (``target_norm``),
+        averaged."""
         total: list[torch.Tensor] = []  # one fp32 running sum, not K captured outputs
 
         def add(_module, _inputs, out: torch.Tensor) -> None:
-            normed = F.instance_norm(out[:, 1:, :].float().transpose(1, 2)).transpose(1, 2)
+            patches = out[:, 1:, :].float()
+            if self.target_norm == "layer":
+                normed = F.layer_norm(patches, patches.shape[-1:])
+            else:
+                normed = F.instance_norm(patches.transpose(1, 2)).transpose(1, 2)
             total[:] = [total[0] + normed] if total else [normed]
 
         hooks = [block.mlp.register_forward_hook(add) for block in self.teacher.blocks[-self.target_layers :]]
@@ -132,9 +145,12 @@ class Data2Vec(nn.Module):
         return total[0] / self.target_layers
 
     def regression(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Summed over the D channels / sqrt(D), averaged over the hidden patches (fairseq's scale)."""
         if self.loss_name == "mse":
-            return F.mse_loss(pred, target)
-        return F.smooth_l1_loss(pred, target, beta=self.beta)
+            per_value = F.mse_loss(pred, target)
+        else:
+            per_value = F.smooth_l1_loss(pred, target, beta=self.beta)
+        return per_value * math.sqrt(pred.shape[-1])
 
     def forward(
         self, images: torch.Tensor, noise: torch.Tensor | None = None, mask: torch.Tensor | None = None
@@ -164,5 +180,5 @@ def build_data2vec(cfg: Config, make_encoder: Callable[[], ViTEncoder], init: bo
     o = cfg.objective
     return Data2Vec(
         make_encoder(), MaskGenerator.from_config(cfg), o.target_layers, (o.ema_start, o.ema_end, o.ema_steps),
-        o.regression_loss, o.smooth_l1_beta, init=init,
+        o.regression_loss, o.smooth_l1_beta, init=init, target_norm=o.target_norm,
     )  # fmt: skip
