@@ -388,3 +388,95 @@ def test_incomplete_checkpoints_are_refused(runs, tmp_path):
         consolidate(run)
     with pytest.raises(IncompleteCheckpointError, match="no COMPLETE marker"):
         consolidate(folder)
+
+
+class _RunsCode:
+    """A pickle that makes a folder when it is loaded: stands for code in a file nobody checked."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.slow
+def test_conversion_refuses_what_would_be_wrong_or_unsafe(runs, tmp_path, capsys):
+    """Review findings: each of these exited 0 with a wrong or partial result, ran unchecked pickles, or
+    failed only after the long merge."""
+    main, run = _cli(), tmp_path / "run"
+    shutil.copytree(runs / "zero3", run)
+    folder = run / "checkpoints" / "step_00000002"
+    sd, arch = consolidate(run)
+
+    # A stray DeepSpeed-like file beside the shards: zero_to_fp32 globs and fully unpickles every
+    # *_optim_states.pt; consolidation shows it only the checked files.
+    marker = tmp_path / "code_ran"
+    torch.save({"x": _RunsCode(marker)}, folder / "stray_optim_states.pt")
+    again, _ = consolidate(run)
+    assert not marker.exists()
+    assert all(torch.equal(again[k], sd[k]) for k in sd)
+
+    # An output name it cannot write is refused before the merge; so is a --config that contradicts the
+    # checkpoint's own architecture (it used to replace it silently).
+    assert main(["consolidate", str(run), str(tmp_path / "no_suffix")]) == 2
+    assert "unknown weights format" in capsys.readouterr().err
+    other = yaml.safe_load((run / "config.yaml").read_text())
+    other["objective"]["mask_ratio"] = 0.5  # same shapes, different model
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    assert (
+        main(["consolidate", str(run), str(tmp_path / "c.safetensors"), "--config", str(tmp_path / "other.yaml")]) == 2
+    )
+    assert "differs from it (objective.mask_ratio: 0.75 vs 0.5)" in capsys.readouterr().err
+    assert not (tmp_path / "c.safetensors").exists()
+
+    # Weights missing a tensor: to-hf and to-official wrote exports that loaded with random values there.
+    partial = {k: v for k, v in sd.items() if k not in ("decoder_norm.weight", "encoder.blocks.1.mlp.fc2.weight")}
+    save_weights(partial, tmp_path / "partial.safetensors", arch)
+    for cmd, out in (("to-hf", "hf"), ("to-official", "o.pth"), ("to-timm", "t")):
+        assert main([cmd, str(tmp_path / "partial.safetensors"), str(tmp_path / out)]) == 2, cmd
+        assert "missing ['decoder_norm.weight', 'encoder.blocks.1.mlp.fc2.weight']" in capsys.readouterr().err, cmd
+        assert not (tmp_path / out).exists()
+    encoder = {k: v for k, v in sd.items() if k.startswith("encoder.")}  # an encoder alone is whole
+    save_weights(encoder, tmp_path / "encoder.safetensors", arch)
+    assert main(["to-official", str(tmp_path / "encoder.safetensors"), str(tmp_path / "enc.pth")]) == 0
+    assert main(["to-hf", str(tmp_path / "encoder.safetensors"), str(tmp_path / "hf")]) == 2
+    assert "holds an encoder only" in capsys.readouterr().err
+
+    assert main(["to-official", str(run), str(tmp_path / "mae.pth")]) == 0  # the reference format, decoder too
+
+    # to-timm writes a folder or a .safetensors, not a folder named like a torch file.
+    assert main(["to-timm", str(run), str(tmp_path / "vit.pth")]) == 2 and not (tmp_path / "vit.pth").exists()
+    # --img-size resamples timm weights only; it was ignored for the others.
+    assert (
+        main(
+            [
+                "import",
+                str(tmp_path / "mae.pth"),
+                str(tmp_path / "i.safetensors"),
+                "--img-size",
+                "48",
+                "--decoder-heads",
+                "4",
+            ]
+        )
+        == 2
+    )
+    assert "only timm ViT weights are resampled" in capsys.readouterr().err
+
+    # A truncated shard: inspect said complete; consolidation failed without naming the file.
+    shard = folder / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert main(["inspect", str(run)]) == 2
+    assert "damaged files: zero_pp_rank_1_mp_rank_00_optim_states.pt" in capsys.readouterr().err
+    assert main(["consolidate", str(run), str(tmp_path / "d.safetensors")]) == 2
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt cannot be read" in capsys.readouterr().err
+
+
+def test_hf_export_of_a_model_without_an_mae_decoder_is_a_named_error(tmp_path, capsys):
+    model = ModelConfig(size="nano", img_size=32, patch_size=8)
+    arch = MIMArch(model, ObjectiveConfig(name="simmim", mask_ratio=0.6, mask_patch_size=8), (0.5,) * 3, (0.25,) * 3)
+    save_weights(arch.build("cpu").state_dict(), tmp_path / "simmim.safetensors", arch)
+    assert _cli()(["to-hf", str(tmp_path / "simmim.safetensors"), str(tmp_path / "hf")]) == 2
+    assert "holds a simmim model, and to-hf writes ViTMAEForPreTraining" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()

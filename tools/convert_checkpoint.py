@@ -40,7 +40,7 @@ from largemim.convert import (  # noqa: E402
     load_init_weights,
     save_weights,
 )
-from largemim.convert.weights_io import describe  # noqa: E402
+from largemim.convert.weights_io import check_weights_path, describe  # noqa: E402
 
 log = logging.getLogger("convert")
 
@@ -48,17 +48,7 @@ log = logging.getLogger("convert")
 def _source(args, need_arch: bool = True) -> tuple[dict, MIMArch | None]:
     """Weights and architecture of SRC; --config supplies the architecture when SRC does not carry it."""
     weights = load_init_weights(args.src, img_size=getattr(args, "img_size", None), trust_pickle=args.trust_pickle)
-    arch = weights.arch
-    if args.config:
-        from largemim.config import load_config
-
-        given = MIMArch.from_config(load_config(args.config))
-        if arch is not None:
-            differ = _differences(arch, given)
-            if differ:
-                raise ValueError(f"{args.src} stores its own architecture, and --config {args.config} differs from "
-                                 f"it ({'; '.join(differ[:6])}): leave --config out")  # fmt: skip
-        arch = given
+    arch = _with_config(weights.arch, args)
     if arch is None and need_arch:
         raise ValueError(f"{args.src} does not say its architecture (heads, mask ratio); pass --config "
                          "RUN_DIR/config.yaml or the recipe it was trained with")  # fmt: skip
@@ -66,6 +56,21 @@ def _source(args, need_arch: bool = True) -> tuple[dict, MIMArch | None]:
     if arch is not None:
         _check_fits(weights.state_dict, arch, args)
     return weights.state_dict, arch
+
+
+def _with_config(arch: MIMArch | None, args) -> MIMArch | None:
+    """The architecture given by --config where SRC stores none; one that contradicts SRC's is refused."""
+    if not args.config:
+        return arch
+    from largemim.config import load_config
+
+    given = MIMArch.from_config(load_config(args.config), **(arch.info if arch else {}))
+    if arch is not None:
+        differ = _differences(arch, given)
+        if differ:
+            raise ValueError(f"{args.src} stores its own architecture, and --config {args.config} differs from "
+                             f"it ({'; '.join(differ[:6])}): leave --config out")  # fmt: skip
+    return given
 
 
 def _differences(stored: MIMArch, given: MIMArch) -> list[str]:
@@ -95,18 +100,25 @@ def _check_fits(sd: dict, arch: MIMArch, args) -> None:
     have = {k: tuple(v.shape) for k, v in sd.items() if not is_run_state(k)}
     extra = sorted(set(have) - set(want))
     bad = [f"{k} {have[k]} vs {want[k]}" for k in have.keys() & want.keys() if have[k] != want[k]]
-    if extra or bad:
+    # An encoder alone (timm or reference-MAE encoder weights) is a whole source; anything else must be
+    # whole, or the export would load with the missing tensors left at random values.
+    encoder_only = all(k.startswith("encoder.") for k in have)
+    missing = sorted(k for k in set(want) - set(have)
+                     if not is_run_state(k) and (k.startswith("encoder.") or not encoder_only))  # fmt: skip
+    if extra or bad or missing:
         raise ValueError(f"{args.src} does not fit the architecture it is exported as (model.size="
                          f"{arch.model.size}, patch {arch.model.patch_size}, img {arch.model.img_size}): "
-                         f"shape mismatches {bad[:4]}, unexpected {extra[:4]}; is --config the run's own?")  # fmt: skip
+                         f"shape mismatches {bad[:4]}, unexpected {extra[:4]}, missing {missing[:4]}"
+                         f"{f' and {len(missing) - 4} more' if len(missing) > 4 else ''}; is --config the run's "
+                         "own, and the file whole?")  # fmt: skip
 
 
 def cmd_consolidate(args) -> dict:
+    check_weights_path(args.out)  # before the merge, which takes minutes for a large model
     sd, arch = consolidate(args.src, trust_pickle=args.trust_pickle)
-    if args.config:
-        from largemim.config import load_config
-
-        arch = MIMArch.from_config(load_config(args.config), **(arch.info if arch else {}))
+    arch = _with_config(arch, args)
+    if arch is not None:
+        _check_fits(sd, arch, args)
     log.info("writing %s", args.out)
     path = save_weights(sd, args.out, arch)
     summary = {"written": str(path), "weights": describe(sd), "bytes": path.stat().st_size}
@@ -126,8 +138,10 @@ def cmd_to_hf(args) -> dict:
     from largemim.convert.hf_vitmae import export_hf
 
     sd, arch = _source(args)
-    if not any(k.startswith("decoder_") for k in sd):
-        raise SystemExit(f"{args.src} holds an encoder only; ViTMAEForPreTraining needs the decoder too")
+    if arch.objective.name != "mae" or not any(k.startswith("decoder_") for k in sd):
+        what = "an encoder only" if arch.objective.name == "mae" else f"a {arch.objective.name} model"
+        raise ValueError(f"{args.src} holds {what}, and to-hf writes ViTMAEForPreTraining, an MAE with its "
+                         "decoder: export the encoder with to-timm instead")  # fmt: skip
     return export_hf(sd, arch, args.out)
 
 
@@ -142,6 +156,12 @@ def cmd_import(args) -> dict:
     weights = load_init_weights(
         args.src, args.img_size, args.trust_pickle, heads=args.heads, decoder_heads=args.decoder_heads
     )
+    if args.img_size is not None and not weights.source_format.startswith("timm"):
+        have = weights.arch.model.img_size if weights.arch is not None else None
+        if have != args.img_size:
+            raise ValueError(f"--img-size {args.img_size}: only timm ViT weights are resampled here; {args.src} "
+                             f"holds {weights.source_format} weights at {have or 'an unknown size'} px: leave "
+                             "--img-size out")  # fmt: skip
     path = save_weights(weights.state_dict, args.out, weights.arch)
     encoder_only = not any(not k.startswith("encoder.") for k in weights.state_dict)
     return {"written": str(path), "source_format": weights.source_format, "weights": describe(weights.state_dict),
@@ -149,10 +169,21 @@ def cmd_import(args) -> dict:
 
 
 def cmd_inspect(args) -> dict:
+    import zipfile
+
     from largemim.convert.consolidate import checkpoint_files, resolve_checkpoint
 
     folder = resolve_checkpoint(args.src)
     files = checkpoint_files(folder)
+    damaged = []
+    for f in files.model_files + files.optim_files:  # the zip directory at each file's end: a truncated
+        try:  # file has none (cheap: the tensor data is not read)
+            zipfile.ZipFile(f).close()
+        except (zipfile.BadZipFile, OSError) as e:
+            damaged.append(f"{f.name} ({e})")
+    if damaged:
+        raise IncompleteCheckpointError(f"{folder} has damaged files: {', '.join(damaged)}; use an earlier "
+                                        "checkpoint of the run")  # fmt: skip
     return {"checkpoint": str(folder), "step": files.step, "zero_stage": files.zero_stage,
             "world_size": files.world_size, "complete": True,
             "files": [f.name for f in files.model_files + files.optim_files],

@@ -18,6 +18,7 @@ ZeRO 1-3 keep the fp32 master weights split across the ranks' optimizer shards; 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,7 +190,13 @@ def consolidate(path: str | Path, trust_pickle: bool = False) -> tuple[dict[str,
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         log.info("merging %d optimizer shards with deepspeed.utils.zero_to_fp32", len(files.optim_files))
-        sd = dict(get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name))
+        # zero_to_fp32 fully unpickles every *_model_states.pt / *_optim_states.pt in the folder: show it
+        # only the files checked above (a stray file there could run code otherwise)
+        with tempfile.TemporaryDirectory(prefix="largemim-consolidate-") as staged:
+            (Path(staged) / folder.name).mkdir()
+            for f in all_files:
+                (Path(staged) / folder.name / f.name).symlink_to(f.resolve())
+            sd = dict(get_fp32_state_dict_from_zero_checkpoint(staged, tag=folder.name))
         for k, v in module.items():  # frozen parameters that zero_to_fp32 left out (ZeRO-1)
             if k not in sd:
                 if v.numel() == 0:  # ZeRO-3 keeps only placeholders in module

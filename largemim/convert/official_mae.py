@@ -16,7 +16,7 @@ import torch
 
 from largemim.convert.arch import MIMArch, infer_arch
 from largemim.convert.safe_load import load_torch
-from largemim.convert.weights_io import describe, unwrap_state_dict
+from largemim.convert.weights_io import describe, replace_durably, unwrap_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,11 @@ def save_official(mim_sd: dict[str, torch.Tensor], out: str | Path, epoch: int |
         payload["epoch"] = epoch
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(out)
+    try:
+        torch.save(payload, tmp)
+        replace_durably(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     load = "checkpoint = torch.load(path, weights_only=True); model.load_state_dict(checkpoint['model'])"
     return {"written": str(out), "weights": describe(sd), "load": load}

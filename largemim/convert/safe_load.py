@@ -88,10 +88,18 @@ def load_torch(path: str | Path, trust_pickle: bool = False, mmap: bool = False)
 
 def _load(path: Path, weights_only: bool, mmap: bool) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+        except RuntimeError as e:
+            if mmap and "mmap" in str(e).lower():  # legacy (non-zip) format cannot be memory-mapped
+                return torch.load(path, map_location="cpu", weights_only=weights_only)
+            raise
     except RuntimeError as e:
-        if mmap and "mmap" in str(e).lower():  # legacy (non-zip) format cannot be memory-mapped
-            return torch.load(path, map_location="cpu", weights_only=weights_only)
+        if "zip archive" in str(e) or "central directory" in str(e):
+            raise RuntimeError(
+                f"{path} cannot be read ({e}): the file is truncated or damaged; if it belongs to a "
+                "checkpoint, use an earlier checkpoint of the run"
+            ) from None
         raise
 
 

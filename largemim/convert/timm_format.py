@@ -85,6 +85,9 @@ def export_timm(mim_sd: dict[str, torch.Tensor], arch: MIMArch, out: str | Path)
     ``model.safetensors``) that ``timm.create_model("local-dir:FOLDER", pretrained=True)`` builds and
     loads by itself. Returns a summary."""
     out = Path(out)
+    if out.suffix in (".pt", ".pth", ".bin"):
+        raise ValueError(f"{out}: to-timm writes a folder (for timm's local-dir:) or a .safetensors file; "
+                         "give a folder name or one ending in .safetensors")  # fmt: skip
     sd = to_timm(mim_sd, arch)
     name, kwargs = timm_model_args(arch)
     load = f"model = {create_call(name, kwargs)}; model.load_state_dict(state_dict, strict=True)"

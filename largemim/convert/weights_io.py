@@ -46,30 +46,62 @@ def _unshared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_weights_path(path: str | Path) -> Path:
+    """``path`` must end in a suffix ``save_weights`` writes: checked before any long work."""
+    path = Path(path)
+    if path.suffix != ".safetensors" and path.suffix not in TORCH_SUFFIXES:
+        raise ValueError(f"{path}: unknown weights format {path.suffix!r}; use .safetensors (or .pt)")
+    return path
+
+
+def _shared_mode(path: Path) -> None:
+    """Permissions like any other output (safetensors creates its files private, 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Put the written ``tmp`` in ``path``'s place: synced first, so that a crash leaves the old file or
+    the whole new one, and readable by others."""
+    _shared_mode(tmp)
+    _sync(tmp)
+    os.replace(tmp, path)
+    _sync(path.parent)
+
+
 def save_weights(sd: dict[str, torch.Tensor], path: str | Path, arch: MIMArch | None = None) -> Path:
     """Write ``sd`` to ``path`` (.safetensors, or .pt/.pth/.bin) atomically; returns the path."""
-    path = Path(path)
+    path = check_weights_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     sd = _unshared(sd)
-    if path.suffix == ".safetensors":
-        meta = {"format": "pt"}  # transformers and timm check this key
-        if arch is not None:
-            meta[METADATA_KEY] = arch.to_json()
-        save_file(sd, str(tmp), metadata=meta)
-    elif path.suffix in TORCH_SUFFIXES:
-        torch.save(sd, tmp)
-        side = Path(str(path) + ".json")  # the architecture beside a torch file; never an older run's
-        if arch is not None:
-            write_atomic(side, arch.to_json())
+    side = Path(str(path) + ".json")  # a torch file's architecture; never an older run's
+    try:
+        if path.suffix == ".safetensors":
+            meta = {"format": "pt"}  # transformers and timm check this key
+            if arch is not None:
+                meta[METADATA_KEY] = arch.to_json()
+            save_file(sd, str(tmp), metadata=meta)
         else:
+            torch.save(sd, tmp)
+            # the old sidecar goes first: a crash before the new one is written leaves weights that say
+            # nothing of their architecture (a clear error when read), never another file's description
             side.unlink(missing_ok=True)
-    else:
-        raise ValueError(f"{path}: unknown weights format {path.suffix!r}; use .safetensors (or .pt)")
-    os.replace(tmp, path)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # safetensors creates its file private; make it like any other output
+        replace_durably(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if path.suffix != ".safetensors" and arch is not None:
+        write_atomic(side, arch.to_json())
     return path
 
 
@@ -95,6 +127,10 @@ def atomic_folder(out: str | Path, writes: set[str]) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                _shared_mode(f)
+                _sync(f)
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
