@@ -480,3 +480,29 @@ def test_hf_export_of_a_model_without_an_mae_decoder_is_a_named_error(tmp_path, 
     assert _cli()(["to-hf", str(tmp_path / "simmim.safetensors"), str(tmp_path / "hf")]) == 2
     assert "holds a simmim model, and to-hf writes ViTMAEForPreTraining" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("name", ["mae", "simmim", "data2vec"])
+def test_hf_encoder_export_gives_the_encoders_features(tmp_path, name):
+    """to-hf --encoder-only: a transformers ViTModel folder of any objective's encoder, loading clean
+    (without ViTModel's untrained pooler) and computing the same tokens."""
+    transformers = pytest.importorskip("transformers")
+    model = ModelConfig(size="nano", img_size=32, patch_size=8, decoder_dim=64, decoder_depth=2, decoder_heads=4)
+    objective = ObjectiveConfig(name=name, mask_ratio=0.6 if name != "mae" else 0.75, mask_patch_size=8,
+                                min_block_patches=2, target_layers=2)  # fmt: skip
+    arch = MIMArch(model, objective, (0.5,) * 3, (0.25,) * 3)
+    torch.manual_seed(0)
+    mim = arch.build("cpu").eval()
+    with torch.no_grad():
+        for p in mim.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_weights(mim.state_dict(), tmp_path / "w.safetensors", arch)
+    assert _cli()(["to-hf", str(tmp_path / "w.safetensors"), str(tmp_path / "hf"), "--encoder-only"]) == 0
+    vit, info = transformers.ViTModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False,
+                                                      output_loading_info=True)  # fmt: skip
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(vit.eval()(pixel_values=x).last_hidden_state, mim.encoder(x), rtol=1e-5, atol=1e-5)
+    processor = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    assert processor["image_mean"] == [0.5] * 3 and processor["size"] == {"height": 32, "width": 32}

@@ -4,7 +4,8 @@
   consolidate  run folder or checkpoint folder (any ZeRO stage) -> one fp32 MIM state dict
                (.safetensors, or .pt)
   to-timm      encoder -> timm VisionTransformer (folder for timm's local-dir:, or a .safetensors)
-  to-hf        whole MAE -> Hugging Face ViTMAEForPreTraining folder
+  to-hf        whole MAE -> Hugging Face ViTMAEForPreTraining folder; with --encoder-only, the encoder
+               of any objective -> a ViTModel folder
   to-official  whole MAE -> the reference MAE code's {'model': state_dict} .pth
   import       reference-MAE .pth, timm ViT weights, a Hugging Face ViTMAE folder -> a largemim
                .safetensors for model initialisation
@@ -135,13 +136,15 @@ def cmd_to_timm(args) -> dict:
 
 
 def cmd_to_hf(args) -> dict:
-    from largemim.convert.hf_vitmae import export_hf
+    from largemim.convert.hf_vitmae import export_hf, export_hf_encoder
 
     sd, arch = _source(args)
+    if args.encoder_only:
+        return export_hf_encoder(sd, arch, args.out)
     if arch.objective.name != "mae" or not any(k.startswith("decoder_") for k in sd):
         what = "an encoder only" if arch.objective.name == "mae" else f"a {arch.objective.name} model"
         raise ValueError(f"{args.src} holds {what}, and to-hf writes ViTMAEForPreTraining, an MAE with its "
-                         "decoder: export the encoder with to-timm instead")  # fmt: skip
+                         "decoder: add --encoder-only for a ViTModel of the encoder")  # fmt: skip
     return export_hf(sd, arch, args.out)
 
 
@@ -217,6 +220,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--config", help="YAML config giving the architecture, if SRC lacks one")
         if name == "to-official":
             p.add_argument("--epoch", type=int, default=None, help="epoch to record in the file")
+        if name == "to-hf":
+            p.add_argument("--encoder-only", action="store_true",
+                           help="write the encoder as a transformers ViTModel (any objective: MAE, SimMIM, BEiT, "
+                                "data2vec) instead of ViTMAEForPreTraining")  # fmt: skip
     p = add("import", cmd_import, "reference MAE / timm / Hugging Face weights -> largemim .safetensors",
             "output .safetensors (use it as model.init_from)")  # fmt: skip
     p.add_argument("--img-size", type=int, default=None, help="resample a timm pos_embed to this resolution")

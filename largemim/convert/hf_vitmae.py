@@ -1,4 +1,5 @@
-"""largemim MAE <-> Hugging Face ``ViTMAEForPreTraining`` folder (``config.json`` + ``model.safetensors``).
+"""largemim MAE <-> Hugging Face ``ViTMAEForPreTraining`` folder (``config.json`` + ``model.safetensors``);
+the encoder of any objective -> a ``ViTModel`` folder (``export_hf_encoder``).
 
 Weights are written under the names of the published ``facebook/vit-mae-*`` checkpoints (the
 transformers 4.x module names), which transformers 4 loads as they are and transformers 5 renames on
@@ -175,15 +176,51 @@ def export_hf(mim_sd: dict[str, torch.Tensor], arch: MIMArch, out: str | Path) -
         save_weights(sd, tmp / "model.safetensors")
         dump_json(tmp / "config.json", hf_config(arch))
         if arch.mean is not None:
-            size = arch.model.img_size
-            dump_json(tmp / "preprocessor_config.json", {
-                "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
-                "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                "image_mean": list(arch.mean), "image_std": list(arch.std),
-            })  # fmt: skip
+            dump_json(tmp / "preprocessor_config.json", _preprocessor(arch))
             written.append("preprocessor_config.json")
     return {"written": str(out), "files": written, "weights": describe(sd),
             "load": f"transformers.ViTMAEForPreTraining.from_pretrained({str(out)!r})"}  # fmt: skip
+
+
+def hf_vit_config(arch: MIMArch) -> dict:
+    """``ViTConfig`` of the encoder alone (``transformers.ViTModel``)."""
+    mae = hf_config(arch)
+    keep = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+            "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps",
+            "image_size", "patch_size", "num_channels", "qkv_bias", "torch_dtype")  # fmt: skip
+    return {"architectures": ["ViTModel"], "model_type": "vit", **{k: mae[k] for k in keep},
+            "encoder_stride": arch.model.patch_size}  # fmt: skip
+
+
+def _preprocessor(arch: MIMArch) -> dict:
+    size = arch.model.img_size
+    return {
+        "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
+        "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(arch.mean), "image_std": list(arch.std),
+    }  # fmt: skip
+
+
+def export_hf_encoder(mim_sd: dict[str, torch.Tensor], arch: MIMArch, out: str | Path) -> dict:
+    """Write the encoder of any objective (MAE, SimMIM, BEiT, data2vec) as a ``transformers.ViTModel``
+    folder: the names of ViTMAE's encoder without its ``vit.`` prefix. ViTModel adds a pooler (a dense
+    layer on the class token) that MIM does not train: load with ``add_pooling_layer=False``."""
+    out = Path(out)
+    if out.suffix:
+        raise ValueError(f"{out}: the Hugging Face format is a folder; give a folder name")
+    encoder = {k: v for k, v in mim_sd.items() if k.startswith("encoder.")}
+    if not encoder:
+        raise ValueError("no encoder.* tensors to export")
+    sd = {k.removeprefix("vit."): v for k, v in to_hf(encoder).items()}
+    written = ["config.json", "model.safetensors"]
+    with atomic_folder(out, {*written, "preprocessor_config.json"}) as tmp:
+        save_weights(sd, tmp / "model.safetensors")
+        dump_json(tmp / "config.json", hf_vit_config(arch))
+        if arch.mean is not None:
+            dump_json(tmp / "preprocessor_config.json", _preprocessor(arch))
+            written.append("preprocessor_config.json")
+    return {"written": str(out), "files": written, "weights": describe(sd),
+            "load": f"transformers.ViTModel.from_pretrained({str(out)!r}, add_pooling_layer=False)"}  # fmt: skip
 
 
 def import_hf(folder: str | Path, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], MIMArch]:
