@@ -506,3 +506,11 @@ def test_hf_encoder_export_gives_the_encoders_features(tmp_path, name):
         torch.testing.assert_close(vit.eval()(pixel_values=x).last_hidden_state, mim.encoder(x), rtol=1e-5, atol=1e-5)
     processor = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
     assert processor["image_mean"] == [0.5] * 3 and processor["size"] == {"height": 32, "width": 32}
+    # and back, from our folder and from one transformers wrote itself (with its pooler, left out)
+    transformers.ViTModel.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "resaved")
+    encoder = {k: v for k, v in mim.state_dict().items() if k.startswith("encoder.")}
+    for folder in ("hf", "resaved"):
+        out = tmp_path / f"{folder}.safetensors"
+        assert _cli()(["import", str(tmp_path / folder), str(out)]) == 0
+        back = load_file(out)
+        assert back.keys() == encoder.keys() and all(torch.equal(back[k], encoder[k]) for k in encoder), folder

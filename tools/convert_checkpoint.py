@@ -7,8 +7,8 @@
   to-hf        whole MAE -> Hugging Face ViTMAEForPreTraining folder; with --encoder-only, the encoder
                of any objective -> a ViTModel folder
   to-official  whole MAE -> the reference MAE code's {'model': state_dict} .pth
-  import       reference-MAE .pth, timm ViT weights, a Hugging Face ViTMAE folder -> a largemim
-               .safetensors for model initialisation
+  import       reference-MAE .pth, timm ViT weights, a Hugging Face ViTMAE or ViTModel folder -> a
+               largemim .safetensors for model initialisation
   inspect      what a run's newest checkpoint (or a checkpoint folder) holds, and whether it is complete
 
 SRC of to-* may be a run folder, a checkpoint folder, or any file the converters read. Torch pickles

@@ -154,12 +154,21 @@ def arch_from_hf_config(cfg: dict) -> MIMArch:
     size = next((n for n, s in VIT_SIZES.items() if (s.width, s.depth, s.heads, s.mlp_dim) == dims), None)
     if size is None:
         raise ValueError(f"HF config width/depth/heads/MLP {dims} is not a row of largemim's size table")
-    if cfg.get("decoder_intermediate_size", 4 * cfg["decoder_hidden_size"]) != 4 * cfg["decoder_hidden_size"]:
+    # what shapes cannot show: a different function under the same tensors
+    if cfg.get("hidden_act", "gelu") != "gelu" or not cfg.get("qkv_bias", True):
+        raise ValueError(f"HF config has hidden_act={cfg.get('hidden_act')!r}, qkv_bias={cfg.get('qkv_bias')}; "
+                         "largemim's ViT has the exact GELU and query/key/value biases")  # fmt: skip
+    eps = cfg.get("layer_norm_eps", 1e-12)
+    if eps != 1e-6:  # facebook/vit-mae-* say 1e-12 though MAE trained with 1e-6: harmless, but not exact
+        log.warning("HF config has layer_norm_eps=%g; largemim's LayerNorms use 1e-6 (outputs differ slightly)", eps)
+    default = ModelConfig()
+    dec_dim = cfg.get("decoder_hidden_size", default.decoder_dim)  # a ViTModel (encoder only) has no decoder
+    if cfg.get("decoder_intermediate_size", 4 * dec_dim) != 4 * dec_dim:
         raise ValueError("largemim's MAE decoder has MLP ratio 4; this config's decoder differs")
     model = ModelConfig(
         size=size, patch_size=cfg["patch_size"], img_size=cfg["image_size"], in_chans=cfg.get("num_channels", 3),
-        decoder_dim=cfg["decoder_hidden_size"], decoder_depth=cfg["decoder_num_hidden_layers"],
-        decoder_heads=cfg["decoder_num_attention_heads"],
+        decoder_dim=dec_dim, decoder_depth=cfg.get("decoder_num_hidden_layers", default.decoder_depth),
+        decoder_heads=cfg.get("decoder_num_attention_heads", default.decoder_heads),
     )  # fmt: skip
     objective = ObjectiveConfig(mask_ratio=cfg.get("mask_ratio", 0.75), norm_pix_loss=cfg.get("norm_pix_loss", False))
     return MIMArch(model, objective)
@@ -224,13 +233,26 @@ def export_hf_encoder(mim_sd: dict[str, torch.Tensor], arch: MIMArch, out: str |
 
 
 def import_hf(folder: str | Path, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], MIMArch]:
-    """largemim MAE state dict and arch from a ``ViTMAEForPreTraining`` folder."""
-    from safetensors.torch import load_file
-
+    """largemim state dict and arch from a ``ViTMAEForPreTraining`` folder (the whole MAE) or a ``ViTModel``
+    one (the encoder; its pooler, which MIM does not use, is left out)."""
     folder = Path(folder)
     cfg = json.loads((folder / "config.json").read_text())
-    if cfg.get("model_type") != "vit_mae":
-        raise ValueError(f"{folder}/config.json is model_type {cfg.get('model_type')!r}, not 'vit_mae'")
+    kind = cfg.get("model_type")
+    if kind not in ("vit_mae", "vit"):
+        raise ValueError(f"{folder}/config.json is model_type {kind!r}, not 'vit_mae' or 'vit'")
+    hf_sd = _read_hf_weights(folder, trust_pickle)
+    if kind == "vit":  # ViTModel names, or ViTForImageClassification's under vit.; no pooler or classifier
+        heads = sorted({k.split(".")[0] for k in hf_sd if k.startswith(("pooler.", "classifier."))})
+        if heads:
+            log.info("%s: left out %s (not part of a MIM encoder)", folder, ", ".join(heads))
+        hf_sd = {f"vit.{k.removeprefix('vit.')}": v for k, v in hf_sd.items()
+                 if not k.removeprefix("vit.").startswith(("pooler.", "classifier."))}  # fmt: skip
+    return from_hf(hf_sd), arch_from_hf_config(cfg)
+
+
+def _read_hf_weights(folder: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     index = folder / "model.safetensors.index.json"
     if (folder / "model.safetensors").is_file():
         hf_sd = load_file(str(folder / "model.safetensors"))
@@ -242,4 +264,4 @@ def import_hf(folder: str | Path, trust_pickle: bool = False) -> tuple[dict[str,
         hf_sd = unwrap_state_dict(load_torch(folder / "pytorch_model.bin", trust_pickle), folder)
     else:
         raise FileNotFoundError(f"{folder} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
-    return from_hf(hf_sd), arch_from_hf_config(cfg)
+    return hf_sd

@@ -64,8 +64,12 @@ def load_init_weights(
         if cfg.get("model_type") == "vit_mae":
             sd, arch = hf_vitmae.import_hf(path, trust_pickle)
             return InitWeights(sd, arch, "huggingface-vitmae")
+        if cfg.get("model_type") == "vit":  # transformers ViTModel / ViTForImageClassification
+            sd, arch = hf_vitmae.import_hf(path, trust_pickle)
+            return InitWeights(sd, arch, "huggingface-vit (encoder only)")
         if "architecture" in cfg and (path / "model.safetensors").is_file():  # timm local-dir export
             sd, _ = load_weights(path / "model.safetensors")
+            heads = heads or cfg.get("model_args", {}).get("num_heads")  # the size table's guess otherwise
             sd, arch = timm_format.from_timm(sd, img_size=img_size, heads=heads)
             return InitWeights(sd, arch, "timm")
         sd, arch = consolidate(path, trust_pickle)
