@@ -3,6 +3,7 @@ import http.server
 import io
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,10 +29,26 @@ from largemim.data.stream import ShardStream, StreamSpec, build_train_loader, ch
 AUG = FastTrainAugment(16, (0.2, 1.0))
 
 
-def spec(urls, rank=0, world=2, mb=8, per_epoch=7, seed=3, sampling="exact", sets=None, weights=(), retries=3, lanes=0):
+def spec(
+    urls,
+    rank=0,
+    world=2,
+    mb=8,
+    per_epoch=7,
+    seed=3,
+    sampling="exact",
+    sets=None,
+    weights=(),
+    retries=3,
+    lanes=0,
+    counts=True,
+):
+    """``counts``: the manifests' sample counts, as the trainer passes them (local shards only; exact mode
+    without them deals whole shards, as for remote ones)."""
     sets = sets or (tuple(urls),)
+    counts = manifest_counts([u for s in sets for u in s]) if counts else {}
     return StreamSpec(
-        tuple(map(tuple, sets)), mb, per_epoch, rank, world, seed, 40, sampling, tuple(weights), retries, lanes
+        tuple(map(tuple, sets)), mb, per_epoch, rank, world, seed, 40, sampling, tuple(weights), retries, lanes, counts
     )
 
 
@@ -109,10 +126,66 @@ def test_exact_mode_reads_the_whole_deal_before_reading_any_of_it_again(shard_se
     """The shuffle buffer drains at the end of a pass: a lane's first len(deal) samples are each sample of
     its shards once (a buffer filled across passes let re-reads take the place of unread samples)."""
     urls = expand_shards(shard_set)
-    stream = ShardStream(spec(urls, world=1), AUG)  # one rank, one lane: the deal is all 640 samples
+    stream = ShardStream(spec(urls, world=1, per_epoch=80), AUG)  # one rank, one lane: the deal is all 640
     keys = [x["__key__"] for x in itertools.islice(stream._raw_samples(0, 0, 1), 640 + 100)]
     assert len(set(keys[:640])) == 640
     assert set(keys[640:]) <= set(keys[:640]) and keys[640:100] != keys[:100]  # the second pass: a new order
+
+
+def _epoch_keys(urls, world, lanes, mb, per_epoch, epoch=0) -> list[str]:
+    """Every sample key all ranks' lanes read for their batches of ``epoch`` (undecoded)."""
+    keys = []
+    for rank in range(world):
+        stream = ShardStream(spec(urls, rank=rank, world=world, mb=mb, per_epoch=per_epoch, lanes=lanes), AUG)
+        for lane in range(lanes):
+            need = sum(1 for b in range(epoch * per_epoch, (epoch + 1) * per_epoch) if b % lanes == lane) * mb
+            keys += [x["__key__"] for x in itertools.islice(stream._raw_samples(epoch, lane, lanes), need)]
+    return keys
+
+
+@pytest.mark.parametrize("world, lanes, mb, per_epoch", [(2, 2, 8, 40), (1, 4, 16, 40), (2, 3, 8, 37), (1, 4, 16, 37)])
+def test_exact_mode_reads_every_sample_once_per_epoch(shard_set, world, lanes, mb, per_epoch):
+    """Deals are runs of samples, not whole shards: with uneven shards (80-200 samples) and batch counts
+    that lanes do not divide, an epoch reads each sample at most once, and all but the N mod
+    (ranks x micro-batch) left over (whole shards read 16 % twice and left 16 % unread)."""
+    urls = expand_shards(shard_set)
+    for epoch in (0, 1):
+        keys = _epoch_keys(urls, world, lanes, mb, per_epoch, epoch)
+        assert len(keys) == world * per_epoch * mb
+        assert len(set(keys)) == len(keys), Counter(keys).most_common(3)
+    if world * per_epoch * mb < 640:  # the left-over samples change with the epoch's shuffle
+        assert set(_epoch_keys(urls, world, lanes, mb, per_epoch, 0)) != set(_epoch_keys(urls, world, lanes, mb,
+                                                                                       per_epoch, 1))  # fmt: skip
+
+
+def test_exact_mode_goes_on_past_a_lane_whose_deal_cannot_be_read(shard_set, tmp_path):
+    """Zero-byte shards that are some lanes' whole deal: those lanes read the epoch's other shards instead
+    (skips counted) rather than stopping every rank; a set none of which can be read is still an error."""
+    folder = tmp_path / "set"
+    shutil.copytree(Path(shard_set.split("{")[0]).parent, folder)
+    urls = expand_shards(str(folder / Path(shard_set).name))
+    for u in urls[1:]:
+        Path(u).write_bytes(b"")  # the manifest still lists their 440 samples; 200 remain readable
+    batches = take(urls, 85, world=1, lanes=4, mb=8, per_epoch=80)  # every sample dealt, into epoch 2
+    assert [b.index for b in batches] == list(range(85))
+    assert sum(b.skipped for b in batches) >= 440
+    for u in urls:
+        Path(u).write_bytes(b"")
+    with pytest.raises(RuntimeError, match="none of the 5 shards gave a readable sample"):
+        take(urls, 1, world=1, lanes=4, mb=8, per_epoch=10)
+
+
+def test_a_shard_unreadable_in_one_epoch_is_read_again_in_the_next(shard_set, tmp_path):
+    """A remote shard whose first opens all fail (an outage) is passed over for the rest of that epoch,
+    counted each time, and read again in the next epoch (it had been dropped for the whole run)."""
+    url = expand_shards(shard_set)[4]  # 80 samples
+    count = tmp_path / "opens"
+    flaky = f"pipe:n=$(cat {count} 2>/dev/null || echo 0); echo $((n + 1)) > {count}; [ $n -ge 2 ] && cat {url}"
+    stream = ShardStream(spec([flaky], world=1, sampling="resampled", retries=2), AUG)
+    assert list(stream._samples_of(iter([(flaky, 0, None)] * 3), 0)) == []
+    assert stream._errors.count == 3  # one per pass over it (unknown length: one each)
+    assert count.read_text().strip() == "2"  # tried twice, then passed over without opening
+    assert len(list(stream._samples_of(iter([(flaky, 0, None)]), 1))) == 80
 
 
 def test_exact_mode_with_too_few_shards_says_how_many_are_needed():
@@ -140,7 +213,7 @@ def test_mixing_weights_hold(tmp_path):
 def test_pipe_urls_stream_from_a_command(shard_set):
     urls = expand_shards(shard_set)
     piped = [f"pipe:cat {u}" for u in urls]
-    a, b = take(urls, 6, world=1), take(piped, 6, world=1)
+    a, b = take(urls, 6, world=1, counts=False), take(piped, 6, world=1)
     assert all(torch.equal(x.images, y.images) for x, y in zip(a, b, strict=True))
 
 
@@ -190,7 +263,7 @@ def test_pipe_readers_survive_the_stop_signals(shard_set, workers):
     shard short), whether a loader worker or the rank itself (data.workers=0) started it."""
     urls = expand_shards(shard_set)
     signalled = [f"pipe:kill -USR1 $$; kill -USR2 $$; kill -TERM $$; cat {u}" for u in urls]
-    plain, piped = take(urls, 6, workers=workers), take(signalled, 6, workers=workers)
+    plain, piped = take(urls, 6, workers=workers, counts=False), take(signalled, 6, workers=workers)
     assert all(torch.equal(a.images, b.images) for a, b in zip(plain, piped, strict=True))
     assert sum(b.skipped for b in piped) == 0
 
@@ -199,10 +272,10 @@ def test_a_failing_pipe_reader_is_reported_not_silently_short(shard_set):
     """The shield must not hide a reader's real failure: a non-zero exit is one counted, named error; the
     samples it sent are kept but the last (which the failure may have cut short)."""
     url = expand_shards(shard_set)[0]
-    whole = len(list(ShardStream(spec([url], world=1), AUG)._samples_of(iter([url]))))
+    whole = len(list(ShardStream(spec([url], world=1), AUG)._samples_of(iter([(url, 0, None)]), 0)))
     bad = f"pipe:cat {url}; exit 7"
     stream = ShardStream(spec([bad], world=1, sampling="resampled", retries=1), AUG)
-    assert len(list(stream._samples_of(iter([bad])))) == whole - 1 == 199
+    assert len(list(stream._samples_of(iter([(bad, 0, None)]), 0))) == whole - 1 == 199
     assert stream._errors.count == 1
 
 
@@ -211,7 +284,7 @@ def test_a_reader_that_breaks_off_is_restarted_where_it_stopped(shard_set, tmp_p
     what it had already sent: the stream is the same as an unbroken read, and nothing is counted."""
     urls = expand_shards(shard_set)
     flaky = [breaks_once(u, 30000, tmp_path / str(i)) for i, u in enumerate(urls)]
-    plain, broken = take(urls, 8, world=1), take(flaky, 8, world=1)
+    plain, broken = take(urls, 8, world=1, counts=False), take(flaky, 8, world=1)
     assert all(torch.equal(a.images, b.images) for a, b in zip(plain, broken, strict=True))
     assert sum(b.skipped for b in broken) == 0
     assert len(list(tmp_path.iterdir())) >= 2  # readers did break
@@ -228,9 +301,9 @@ def test_a_read_broken_off_inside_a_sample_never_gives_it_half_made(shard_set, t
     cut = next(m for m in members[second:] if m.name.split(".")[0] == key and m is not members[second]).offset
     flag = tmp_path / "broke"
     flaky = breaks_once(url, cut, flag)
-    plain = list(ShardStream(spec([url], world=1), AUG)._samples_of(iter([url])))
+    plain = list(ShardStream(spec([url], world=1), AUG)._samples_of(iter([(url, 0, None)]), 0))
     stream = ShardStream(spec([flaky], world=1, sampling="resampled"), AUG)
-    broken = list(stream._samples_of(iter([flaky])))
+    broken = list(stream._samples_of(iter([(flaky, 0, None)]), 0))
     assert flag.exists() and stream._errors.count == 0
     assert [sorted(k for k in x if not k.startswith("__")) for x in broken] == [
         sorted(k for k in x if not k.startswith("__")) for x in plain
@@ -249,7 +322,7 @@ def test_a_repeated_member_costs_that_member_not_the_rest_of_the_shard(tmp_path)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     stream = ShardStream(spec([str(path)], world=1), AUG)
-    assert len(list(stream._samples_of(iter([str(path)])))) == 6
+    assert len(list(stream._samples_of(iter([(str(path), 0, None)]), 0))) == 6
     assert stream._errors.count == 1
     # A read that breaks off after the repeated member and is restarted replays it: still counted once.
     with tarfile.open(path) as tar:
@@ -257,7 +330,7 @@ def test_a_repeated_member_costs_that_member_not_the_rest_of_the_shard(tmp_path)
     flag = tmp_path / "broke"
     flaky = breaks_once(path, cut, flag)
     stream = ShardStream(spec([flaky], world=1, sampling="resampled"), AUG)
-    assert len(list(stream._samples_of(iter([flaky])))) == 6 and flag.exists()
+    assert len(list(stream._samples_of(iter([(flaky, 0, None)]), 0))) == 6 and flag.exists()
     assert stream._errors.count == 1
 
 
@@ -276,7 +349,7 @@ def test_a_shard_shorter_than_its_manifest_is_counted_as_truncated(tmp_path, dam
     expected = manifest_counts([url])
     assert expected == {url: 30}
     stream = ShardStream(replace(spec([url], world=1), expected=expected), AUG)
-    assert len(list(stream._samples_of(iter([url])))) == 10
+    assert len(list(stream._samples_of(iter([(url, 0, None)]), 0))) == 10
     assert stream._errors.count == 20
     assert "ends after 10 of the 30 samples its manifest lists" in caplog.text
 
@@ -307,7 +380,7 @@ def test_http_shards_stream_through_a_shielded_curl(shard_set):
             os.kill(reader.proc.pid, sig)
         assert reader.stream.read() == Path(urls[0]).read_bytes()
         reader.finish()  # exit status 0
-        plain, fetched = take(urls, 4, world=1), take(web, 4, world=1)
+        plain, fetched = take(urls, 4, world=1, counts=False), take(web, 4, world=1)
         assert all(torch.equal(a.images, b.images) for a, b in zip(plain, fetched, strict=True))
         assert sum(b.skipped for b in fetched) == 0
     finally:
@@ -348,9 +421,9 @@ def test_a_stalled_http_transfer_is_restarted_not_spliced(shard_set, monkeypatch
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         web = f"http://127.0.0.1:{server.server_port}/{Path(url).name}"
-        plain = list(ShardStream(spec([url], world=1), AUG)._samples_of(iter([url])))
+        plain = list(ShardStream(spec([url], world=1), AUG)._samples_of(iter([(url, 0, None)]), 0))
         stream = ShardStream(spec([web], world=1, sampling="resampled"), AUG)
-        got = list(stream._samples_of(iter([web])))
+        got = list(stream._samples_of(iter([(web, 0, None)]), 0))
     finally:
         release.set()
         server.shutdown()

@@ -19,16 +19,20 @@ Two ways to choose shards (``data.sampling``):
 * ``resampled`` (default): each lane draws shards with replacement from an RNG seeded by (seed, epoch,
   rank, lane); a data epoch is ``data.num_samples`` samples (default: the manifests' total). Several
   ``::``-separated shard sets are mixed per sample with ``data.weights``.
-* ``exact``: each epoch, the shards are shuffled with (seed, epoch) and dealt to ranks, then lanes; a
-  lane reads its deal once, through the shuffle buffer, before it reads any of it again. Fewer shards
-  than ranks x lanes is an error at start-up (:func:`check_exact_split`).
+* ``exact``: each epoch, the shards are shuffled with (seed, epoch) and laid end to end; each (rank,
+  lane) is dealt the run of samples its batches of the epoch need, in order, so a deal may begin or end
+  inside a shard (its head is read past without decoding). A lane reads its deal once, through the
+  shuffle buffer, before it reads any of it again. Every sample is read once per epoch, but for the
+  ``N mod (ranks x micro_batch)`` left over at the end of the order, which the shuffle changes from
+  epoch to epoch. This needs each shard's sample count (the manifests); without them whole shards are
+  dealt and the epoch is only nearly exact. Fewer shards than ranks x lanes is an error at start-up
+  (:func:`check_exact_split`).
 
 Either way every rank yields exactly ``micro_batches_per_epoch`` batches per data epoch, so no rank waits
-for another at the end of an epoch (webdataset#188, #303). In exact mode a lane whose deal runs out before
-its share of batches is full reads it again in a new order, and a lane with more samples than its share
-leaves the rest unread this epoch: each sample is read exactly once per epoch only when every lane is
-dealt the same number of samples (equal-size shards, a multiple of ranks x lanes of them), otherwise
-nearly so.
+for another at the end of an epoch (webdataset#188, #303). A lane whose deal runs short (a truncated or
+unreadable shard) reads it again in a new order; one whose deal gives nothing at all reads the whole
+epoch's order instead, from its own starting point, and only a data set none of which can be read
+stops the run.
 
 A read that fails (a ``pipe:``/``http`` reader, an I/O error on a local file) is tried ``open_retries``
 times in all, skipping the samples already given (the stream stays exact); then the rest of the shard is
@@ -144,7 +148,9 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.spec, self.augment, self.start_batch = spec, augment, start_batch
         self._errors = _SkipCounter()
-        self._dead: set[str] = set()  # URLs that never gave a sample
+        # URL -> the epoch in which a read of it gave no sample: passed over (and counted) for the rest of
+        # that epoch only, so that an outage while a remote shard is opened costs it one epoch, not the run
+        self._dead: dict[str, int] = {}
 
     # -- which shards a (rank, worker) reads in an epoch
     def shards_for(self, epoch: int, lane: int, lanes: int) -> list[str]:
@@ -158,23 +164,63 @@ class ShardStream(IterableDataset):
             mine = [order[slot % len(order)]]
         return mine
 
-    def _samples_of(self, urls: Iterator[str]) -> Iterator[dict]:
-        for url in urls:
-            if url not in self._dead:
-                yield from self._shard_samples(url)
+    def parts_for(self, epoch: int, lane: int, lanes: int) -> list[tuple[str, int, int | None]]:
+        """Exact mode: this (rank, lane)'s deal of the epoch as (url, first, stop) sample ranges (stop None:
+        to the shard's end): the run of the epoch's shard order that its batches need, after the runs of
+        the slots before it (ranks, then lanes). Whole shards (``shards_for``) where a count is unknown."""
+        s = self.spec
+        order = list(s.urls)
+        if any(u not in s.expected for u in order):
+            return [(u, 0, None) for u in self.shards_for(epoch, lane, lanes)]
+        random.Random(f"{s.seed}-shards-{epoch}").shuffle(order)
+        per_epoch = s.micro_batches_per_epoch
 
-    def _shard_samples(self, url: str) -> Iterator[dict]:
-        """The samples of one shard, in order. A failing read (a ``pipe:`` command or curl that cannot
-        start, exits non-zero or breaks off; an I/O error on a local file) is restarted up to
-        ``open_retries`` times, skipping the samples already given, so a transient error changes nothing.
-        Each sample is given only once the next one has begun, and the last only once the read ended
-        well: a read broken off between two members of a sample never gives that sample half-made. A
-        damaged tar (not an I/O error) is not read again. What could not be read is skipped with one
-        warning and counted (the samples the manifest says are missing, else one); a shard that never
-        gave a sample is not tried again."""
+        def need(ln: int) -> int:  # samples lane ln's batches of this epoch take (one rank)
+            first = (ln - epoch * per_epoch) % lanes
+            return 0 if first >= per_epoch else ((per_epoch - first - 1) // lanes + 1) * s.micro_batch
+
+        total = sum(s.expected[u] for u in order)
+        want = need(lane)
+        if not want or not total:
+            return []
+        # data.num_samples larger than the shards hold: the order wraps around
+        pos = (s.rank * sum(need(ln) for ln in range(lanes)) + sum(need(ln) for ln in range(lane))) % total
+        parts = []
+        while want > 0:
+            offset = 0
+            for url in order:
+                n = s.expected[url]
+                lo, hi = max(pos, offset), min(pos + want, offset + n)
+                if lo < hi:
+                    parts.append((url, lo - offset, None if hi - offset == n else hi - offset))
+                offset += n
+            want -= min(total, pos + want) - pos
+            pos = 0
+        return parts
+
+    def _samples_of(self, parts: Iterator[tuple[str, int, int | None]], epoch: int) -> Iterator[dict]:
+        for url, first, stop in parts:
+            if self._dead.get(url) == epoch:
+                known = self.spec.expected.get(url)
+                self._errors.add((stop if stop is not None else known or first + 1) - first,
+                                 f"shard {url}: passed over (unreadable earlier this epoch)")  # fmt: skip
+                continue
+            yield from self._shard_samples(url, first, stop, epoch)
+
+    def _shard_samples(self, url: str, first: int = 0, stop: int | None = None, epoch: int = 0) -> Iterator[dict]:
+        """Samples ``first`` to ``stop`` (None: the end) of one shard, in order; the ones before ``first``
+        are read past without decoding. A failing read (a ``pipe:`` command or curl that cannot start,
+        exits non-zero or breaks off; an I/O error on a local file) is restarted up to ``open_retries``
+        times, skipping the samples already given, so a transient error changes nothing. Each sample is
+        given only once the next one has begun, and the last only once the read ended well: a read broken
+        off between two members of a sample never gives that sample half-made. A damaged tar (not an I/O
+        error) is not read again. What could not be read is skipped with one warning and counted (the
+        samples of the range the manifest says are missing, else one); a shard that gave no sample is
+        passed over for the rest of the epoch."""
         attempts = max(1, self.spec.open_retries)
         expected = self.spec.expected.get(url)
-        given, error = 0, None
+        limit = stop if stop is not None else expected  # the samples this read should end with
+        given, error = first, None
         for attempt in range(1, attempts + 1):
             if attempt > 1:
                 time.sleep(min(2.0 ** (attempt - 2), 10.0))
@@ -188,19 +234,26 @@ class ShardStream(IterableDataset):
             try:
                 reader = open_shard(url)
                 files = wds.tariterators.tar_file_iterator(reader.stream, handler=wds.reraise_exception)
+                cut = False
                 for sample in wds.tariterators.group_by_keys(_tagged(files, url), handler=repeated_member):
                     read += 1
                     if read <= given:
-                        continue  # a restarted read: given before
+                        continue  # a restarted read: given before (or before this range)
                     if held is not None:
                         given += 1
                         yield held
+                    if stop is not None and given >= stop:
+                        held, cut = None, True
+                        break  # the range is complete: the reader is ended below, mid-shard
                     held = sample
-                reader.finish()  # a reader's exit status, once it has sent everything
+                else:
+                    reader.finish()  # a reader's exit status, once it has sent everything
                 if held is not None:
                     given += 1
                     yield held
-                reader, error = None, None
+                if not cut:
+                    reader = None  # it ended by itself
+                error = None
                 break
             except Exception as exn:  # noqa: BLE001 - any read failure is retried, then skipped and counted
                 error = exn
@@ -211,15 +264,15 @@ class ShardStream(IterableDataset):
                 if reader is not None:
                     reader.abandon()  # stopped early (failure, or the lane moved on): end the reader now
         if error is not None:
-            missing = expected - given if expected is not None and expected > given else 1
+            missing = limit - given if limit is not None and limit > given else 1
             self._errors.add(missing, f"shard {url}: read {given} samples, then failed ({error}); the rest is skipped")
-            if given == 0:
-                self._dead.add(url)
-        elif expected is not None and given < expected:
+            if given == first:
+                self._dead[url] = epoch
+        elif limit is not None and given < limit:
             self._errors.add(
-                expected - given,
-                f"shard {url} ends after {given} of the {expected} samples its manifest lists: the file is "
-                "truncated (rewrite it with tools/make_shards.py)",
+                limit - given,
+                f"shard {url} ends after {read} of the {expected} samples its manifest lists: the "
+                "file is truncated (rewrite it with tools/make_shards.py)",
             )
 
     def _shard_order(self, epoch: int, lane: int, set_index: int) -> Iterator[str]:
@@ -235,21 +288,33 @@ class ShardStream(IterableDataset):
         a new order if the lane runs short. The buffer drains at the end of each pass, so a re-read sample
         never takes the place of one not yet read; endless."""
         s = self.spec
-        shards = self.shards_for(epoch, lane, lanes)
+        parts = self.parts_for(epoch, lane, lanes)
+        fallback = False
         for cycle in range(1 << 30):
-            order = list(shards)
-            random.Random(f"{s.seed}-cycle-{epoch}-{s.rank}-{lane}-{cycle}").shuffle(order)
+            order = list(parts)
+            if cycle:  # the first pass keeps the deal's order, so neighbouring lanes' reads rarely overlap
+                random.Random(f"{s.seed}-cycle-{epoch}-{s.rank}-{lane}-{cycle}").shuffle(order)
             rng = random.Random(f"{s.seed}-shuffle-{epoch}-{s.rank}-{lane}" + (f"-{cycle}" if cycle else ""))
             read = 0
-            samples = self._samples_of(iter(order))
+            samples = self._samples_of(iter(order), epoch)
             for sample in wds.filters._shuffle(samples, bufsize=s.shuffle_buffer, initial=s.shuffle_buffer, rng=rng):
                 read += 1
                 yield sample
-            if not read:
+            if read:
+                continue
+            if fallback:
                 raise RuntimeError(
-                    f"the {len(order)} shard(s) dealt to this lane gave no readable sample (e.g. {order[0]}); "
-                    "check data.shards"
+                    f"none of the {len(s.urls)} shards gave a readable sample this epoch (e.g. {s.urls[0]}); check "
+                    "data.shards and the warnings above"
                 )
+            # Nothing in this lane's deal could be read: go on with the whole epoch's shards (repeats, and
+            # skipped samples counted) rather than stop every rank over one bad shard.
+            log.warning("the shards dealt to rank %d lane %d gave no readable sample: it reads the epoch's other "
+                        "shards instead", s.rank, lane)  # fmt: skip
+            everything = list(s.urls)
+            random.Random(f"{s.seed}-shards-{epoch}").shuffle(everything)  # the epoch's order
+            turn = (s.rank * lanes + lane) % len(everything)
+            parts, fallback = [(u, 0, None) for u in everything[turn:] + everything[:turn]], True
 
     def _endless(self, epoch: int, lane: int, lanes: int, set_index: int) -> Iterator[dict]:
         """Samples of the lane's shard sequence; a clear error (never a silent spin) when shard after
@@ -266,7 +331,8 @@ class ShardStream(IterableDataset):
                 empty_in_a_row[0] += 1
                 yield url
 
-        for sample in self._samples_of(counted(self._shard_order(epoch, lane, set_index))):
+        parts = ((url, 0, None) for url in counted(self._shard_order(epoch, lane, set_index)))
+        for sample in self._samples_of(parts, epoch):
             empty_in_a_row[0] = 0
             yield sample
 
