@@ -333,3 +333,36 @@ def test_a_killed_worker_is_an_error_and_the_rerun_resumes(image_folder: Path, t
     assert {n: (out / n).stat().st_ino for n in finished} == finished, "finished shards must be kept"
     assert shard_bytes(out) == shard_bytes(reference)
     assert not list(out.glob("*.tmp"))
+
+
+def test_damaged_inputs_and_leftovers_get_errors_that_name_them(image_folder: Path, tmp_path: Path):
+    """Review findings: a plan file left empty by a crash blocked every rerun (--overwrite too) with a
+    JSON error; a truncated input tar was reported as compressed, in a traceback; a damaged manifest
+    was a bare JSONDecodeError or TypeError; --samples-per-shard 0 silently meant 1000."""
+    tool = [sys.executable, str(REPO / "tools" / "make_shards.py")]
+    cmd = [*tool, "--folder", str(image_folder), "--out", str(tmp_path / "out"), "--samples-per-shard", "10",
+           "--workers", "1", "--no-progress"]  # fmt: skip
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "shard-plan.json").write_text("")
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert [s.samples for s in Manifest.load(tmp_path / "out").shards] == [10, 10, 3]
+
+    folder = tmp_path / "wds"
+    write_test_shards(folder, demo_samples("train", 40), [20, 20], prefix="shard")
+    tar = folder / "shard-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:5000])
+    run = subprocess.run([*tool, "--tars", str(folder), "--out", str(tmp_path / "re"), "--no-progress"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert "shard-000001.tar is damaged or truncated" in run.stderr, run.stderr
+
+    for text, why in (("{", "is not valid JSON"), ('{"format": "largemim-shards/1", "shards": [{"n": 3}]}',
+                                                  "a shard entry is not")):  # fmt: skip
+        (folder / "manifest.json").write_text(text)
+        with pytest.raises(ValueError, match=why) as info:
+            Manifest.load(folder)
+        assert str(folder / "manifest.json") in str(info.value)
+
+    run = subprocess.run([*cmd[:-5], "--samples-per-shard", "0", "--no-progress"], capture_output=True, text=True)
+    assert run.returncode != 0 and "--samples-per-shard must be >= 1" in run.stderr

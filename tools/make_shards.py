@@ -68,12 +68,19 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    if args.folder:
-        source = scan_folder(args.folder)
-    elif args.list:
-        source = scan_list(args.list)
-    else:
-        source = scan_tars(tar_urls(args.tars))
+    if (args.samples_per_shard is not None and args.samples_per_shard < 1) or (
+        args.shard_mb is not None and args.shard_mb <= 0
+    ):
+        raise SystemExit("error: --samples-per-shard must be >= 1 and --shard-mb > 0")
+    try:
+        if args.folder:
+            source = scan_folder(args.folder)
+        elif args.list:
+            source = scan_list(args.list)
+        else:
+            source = scan_tars(tar_urls(args.tars))
+    except (FileNotFoundError, ValueError) as exn:
+        raise SystemExit(f"error: {exn}") from None
     print(f"source: {source.description}", file=sys.stderr)
     options = WriteOptions(
         prefix=args.prefix,

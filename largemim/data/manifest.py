@@ -54,6 +54,15 @@ class Manifest:
                 f"no shard manifest at {path}; write shards with tools/make_shards.py (it writes one), "
                 "or set data.num_samples in the config"
             ) from None
-        if body.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"{path}: unknown manifest format {body.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-        return cls(shards=[ShardInfo(**s) for s in body["shards"]])
+        except ValueError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); write it again with tools/make_shards.py") from None
+        if not isinstance(body, dict) or body.get("format") != MANIFEST_FORMAT:
+            found = body.get("format") if isinstance(body, dict) else type(body).__name__
+            raise ValueError(f"{path}: unknown manifest format {found!r}, expected {MANIFEST_FORMAT!r}")
+        try:
+            return cls(shards=[ShardInfo(url=str(s["url"]), samples=int(s["samples"])) for s in body["shards"]])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"{path}: a shard entry is not {{'url': ..., 'samples': N}} ({type(e).__name__}: {e}); write the "
+                "manifest again with tools/make_shards.py"
+            ) from None

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from largemim.data.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from largemim.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +202,12 @@ def _tar_samples(url: str) -> Iterator[SourceSample]:
                 members.append(Member(m.group(2).lower(), url, info.size, info.offset_data))
             if members:
                 yield SourceSample(tuple(members))
-    except tarfile.ReadError as exn:
-        raise ValueError(f"{url} is not an uncompressed tar ({exn}); decompress it first (e.g. gunzip)") from None
+    except (tarfile.ReadError, EOFError) as exn:
+        with open(url, "rb") as f:
+            head = f.read(6)
+        if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")):  # gzip, bzip2, xz, zstd
+            raise ValueError(f"{url} is a compressed tar ({exn}); decompress it first (e.g. gunzip)") from None
+        raise ValueError(f"{url} is damaged or truncated ({exn}); write it again, or leave it out of --tars") from None
 
 
 def scan_tars(urls: Iterable[str | os.PathLike]) -> Source:
@@ -421,7 +426,10 @@ def _check_out_folder(source: Source, out: Path, options: WriteOptions, fingerpr
                 f"{out} already holds another shard set ({foreign[0]!r} in its {MANIFEST_NAME}); the trainer reads "
                 "one manifest per folder, so write each set to a folder of its own"
             )
-    stored = json.loads(plan_file.read_text()).get("fingerprint") if plan_file.is_file() else None
+    try:
+        stored = json.loads(plan_file.read_text()).get("fingerprint") if plan_file.is_file() else None
+    except (ValueError, AttributeError):  # left empty or torn by a crash: as if there were none
+        stored = None
     if stored == fingerprint or not (existing or stored):
         return
     if not overwrite:
@@ -479,7 +487,7 @@ def write_shards(
     fingerprint = plan_fingerprint(shards, options)
     _check_out_folder(source, out, options, fingerprint, overwrite)
     body = {"fingerprint": fingerprint, "shards": len(shards), "samples": len(source.samples)}
-    (out / f"{options.prefix}-plan.json").write_text(json.dumps(body, indent=1))
+    write_atomic(out / f"{options.prefix}-plan.json", json.dumps(body, indent=1))
 
     todo, done_samples = [], 0
     for shard in shards:
