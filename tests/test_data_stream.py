@@ -505,3 +505,29 @@ def test_a_killed_rank_leaves_no_loader_worker_behind():
         for reader in readers:  # stalled and shielded: it would sleep on for two minutes
             with contextlib.suppress(psutil.NoSuchProcess):
                 reader.kill()
+
+
+@pytest.mark.parametrize("url, tool", [("s3://bucket/train.tar", "aws"), ("gs://bucket/train.tar", "gsutil")])
+def test_object_store_urls_stream_through_their_cli_shielded(shard_set, tmp_path, monkeypatch, url, tool):
+    """s3:// (the AWS CLI; webdataset knows no s3) and gs:// (gsutil) start like curl: their reader has the
+    step signals ignored and is killable; here the tools are stand-ins that print the local shard."""
+    local = expand_shards(shard_set)[4]  # 80 samples
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / tool).write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "args"}\nkill -USR1 $$\ncat {local}\n')
+    (fake / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    stream = ShardStream(spec([url], world=1, sampling="resampled"), AUG)
+    assert len(list(stream._samples_of(iter([(url, 0, None)]), 0))) == 80  # survived its own SIGUSR1
+    assert stream._errors.count == 0
+    assert (tmp_path / "args").read_text().split() == (["s3", "cp", url, "-"] if tool == "aws" else ["cat", url])
+
+
+def test_a_reader_that_dies_is_named_not_an_empty_file(shard_set, caplog):
+    """The tar parser fails first when a reader sends nothing and exits non-zero: the warning names the
+    reader's exit status (a mistyped command looked like damaged data)."""
+    bad = "pipe:echo nope >&2; exit 5"
+    stream = ShardStream(spec([bad], world=1, sampling="resampled", retries=1), AUG)
+    with caplog.at_level("WARNING"):
+        assert list(stream._samples_of(iter([(bad, 0, None)]), 0)) == []
+    assert "the reader exited with status 5" in caplog.text

@@ -1,4 +1,5 @@
-"""Open a shard URL: a local path, a ``pipe:`` command, or an ``http(s)://`` URL (read with curl).
+"""Open a shard URL: a local path, a ``pipe:`` command, an ``http(s)``/``sftp``/``ftps``/``scp`` URL (read
+with curl), or ``gs://`` (gsutil), ``s3://`` (the AWS CLI), ``ais://`` (ais).
 
 A ``pipe:`` or curl reader is a child process, and Slurm signals every process of a job step: the
 time-limit warning (``--signal``, USR1/USR2) and, on ``scancel`` or preemption, SIGTERM. A reader that
@@ -47,6 +48,15 @@ class ShardReader:
         if self.proc is not None and self.proc.wait() != 0:
             raise OSError(f"the reader exited with status {self.proc.returncode}")
 
+    def exit_status(self, wait_s: float = 1.0) -> int | None:
+        """The reader's exit status if it has ended (waiting up to ``wait_s``), else None; None for a file."""
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            return None
+
     def abandon(self) -> None:
         """Close a stream that is not read to its end; its reader is killed, not waited for long."""
         if self.proc is not None and self.proc.poll() is None:
@@ -63,10 +73,21 @@ def _start(argv: list[str], bufsize: int) -> ShardReader:
     return ShardReader(proc.stdout, proc)
 
 
+# Object stores read by their own command line tools, started like curl (shielded, killable); the same
+# commands webdataset's gopen would run, plus s3:// (the AWS CLI), which gopen does not know.
+_COMMANDS = {
+    "gs": lambda url: ["gsutil", "cat", url],
+    "s3": lambda url: ["aws", "s3", "cp", url, "-"],
+    "ais": lambda url: ["ais", "get", url, "-"],
+    **{scheme: lambda url: [*CURL, url] for scheme in ("http", "https", "sftp", "ftps", "scp")},
+}
+
+
 def open_shard(url: str, bufsize: int = 1 << 16) -> ShardReader:
     """Open a shard for reading; a reader process's exit status is checked by :meth:`ShardReader.finish`."""
     if url.startswith("pipe:"):
         return _start([_SHELL, "-c", _IGNORE_STEP_SIGNALS + url[5:]], bufsize)
-    if url.startswith(("http://", "https://")):
-        return _start([_SHELL, "-c", _IGNORE_STEP_SIGNALS + 'exec "$0" "$@"', *CURL, url], bufsize)
-    return ShardReader(gopen(url))
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in _COMMANDS:
+        return _start([_SHELL, "-c", _IGNORE_STEP_SIGNALS + 'exec "$0" "$@"', *_COMMANDS[scheme](url)], bufsize)
+    return ShardReader(gopen(url))  # a local file (or a scheme only webdataset knows, e.g. hf://)

@@ -256,7 +256,9 @@ class ShardStream(IterableDataset):
                 error = None
                 break
             except Exception as exn:  # noqa: BLE001 - any read failure is retried, then skipped and counted
-                error = exn
+                status = reader.exit_status() if reader is not None else None
+                # the tar parser fails first when a reader dies (an "empty file"): name the reader's failure
+                error = OSError(f"the reader exited with status {status} ({exn})") if status else exn
                 log.info("shard %s: attempt %d of %d failed after %d samples: %s", url, attempt, attempts, read, exn)
                 if is_local(url) and not isinstance(exn, OSError):
                     break  # a damaged file reads the same way again
