@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +28,12 @@ from largemim.run_log import RunLog
 from largemim.signals import StopOnSignal
 
 log = logging.getLogger("largemim")
+
+
+def _shard_names_digest(urls: list[str]) -> str:
+    """Which shards, in order, by name (a data set moved to another folder streams the same)."""
+    names = "\n".join(u.rstrip("/ -").rsplit("/", 1)[-1] for u in urls)
+    return hashlib.sha1(names.encode()).hexdigest()[:12]
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -192,7 +199,11 @@ def train(cfg: Config, env: DistEnv) -> dict:
         "lanes": lanes,
         "seed": cfg.run.seed,
         "shards": len(urls),
+        "shard_list": _shard_names_digest(urls),
         "sampling": cfg.data.sampling,
+        "micro_batch": cfg.train.micro_batch,
+        "shuffle_buffer": cfg.data.shuffle_buffer,
+        "weights": list(cfg.data.weights),
     }
     client = ckpt.load_latest(engine, universal)
     start = 0

@@ -531,3 +531,12 @@ def test_a_reader_that_dies_is_named_not_an_empty_file(shard_set, caplog):
     with caplog.at_level("WARNING"):
         assert list(stream._samples_of(iter([(bad, 0, None)]), 0)) == []
     assert "the reader exited with status 5" in caplog.text
+
+
+def test_sets_mix_by_sample_count_unless_weighted(shard_set):
+    """Default mixing weights are each set's samples (a set of many small shards was over-drawn when
+    weighted by shard count); shard counts only where a count is unknown."""
+    urls = expand_shards(shard_set)  # 200, 120, 150, 90, 80 samples
+    sets = [urls[:1], urls[1:]]
+    assert ShardStream(spec(urls, sampling="resampled", sets=sets), AUG)._set_sizes() == [200, 440]
+    assert ShardStream(spec(urls, sampling="resampled", sets=sets, counts=False), AUG)._set_sizes() == [1, 4]

@@ -91,7 +91,7 @@ class StreamSpec:
     seed: int
     shuffle_buffer: int
     sampling: str = "resampled"
-    weights: tuple[float, ...] = field(default_factory=tuple)  # per set; empty = proportional to shard count
+    weights: tuple[float, ...] = field(default_factory=tuple)  # per set; empty = by samples (else shards)
     open_retries: int = 3
     lanes: int = 0  # sample streams per rank; 0 = one per loader worker (a multiple of the workers otherwise)
     expected: Mapping[str, int] = field(default_factory=dict)  # samples per shard, from the manifests
@@ -347,12 +347,20 @@ class ShardStream(IterableDataset):
         if len(s.sets) == 1:
             mixed = self._endless(epoch, lane, lanes, 0)
         else:
-            weights = list(s.weights) if s.weights else [len(u) for u in s.sets]
+            weights = list(s.weights) if s.weights else self._set_sizes()
             streams = [self._endless(epoch, lane, lanes, i) for i in range(len(s.sets))]
             rng = random.Random(f"{s.seed}-mix-{epoch}-{s.rank}-{lane}")
             mixed = (next(streams[rng.choices(range(len(streams)), weights)[0]]) for _ in iter(int, 1))
         rng = random.Random(f"{s.seed}-shuffle-{epoch}-{s.rank}-{lane}")
         yield from wds.filters._shuffle(mixed, bufsize=s.shuffle_buffer, initial=s.shuffle_buffer, rng=rng)
+
+    def _set_sizes(self) -> list[int]:
+        """Default mixing weights: each set's samples (so every sample is as likely as any other), or its
+        shard count where a count is unknown (remote shards)."""
+        s = self.spec
+        if all(u in s.expected for u in s.urls):
+            return [sum(s.expected[u] for u in urls) for urls in s.sets]
+        return [len(urls) for urls in s.sets]
 
     def _decode(self, sample: dict, rng: np.random.Generator):
         data = image_bytes(sample)
