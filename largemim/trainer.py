@@ -160,7 +160,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
     num_samples = cfg.data.num_samples or sum(expected[u] for u in urls)
     plan = make_plan(cfg, env.world_size, num_samples)
     lanes = cfg.data.lanes or max(1, cfg.data.workers)  # sample streams per rank (see data/stream.py)
-    if cfg.data.sampling == "exact":
+    if cfg.data.sampling == "exact" and not all(u in expected for u in urls):  # whole shards are dealt
         try:
             check_exact_split(len(urls), env.world_size, lanes)
         except ValueError as e:
@@ -203,7 +203,8 @@ def train(cfg: Config, env: DistEnv) -> dict:
         "sampling": cfg.data.sampling,
         "micro_batch": cfg.train.micro_batch,
         "shuffle_buffer": cfg.data.shuffle_buffer,
-        "weights": list(cfg.data.weights),
+        # the mixing weights in force: the default follows sample counts where all are known (data/stream.py)
+        "weights": list(cfg.data.weights) or ("samples" if all(u in expected for u in urls) else "shards"),
     }
     client = ckpt.load_latest(engine, universal)
     start = 0
@@ -212,7 +213,8 @@ def train(cfg: Config, env: DistEnv) -> dict:
         reapply_optim_config(engine, cfg, plan)
         start = int(client["step"])
         saved = client.get("data", {})
-        changed = {k: (saved.get(k), v) for k, v in data_state.items() if saved.get(k) != v}
+        # keys a checkpoint of an older largemim lacks are not compared (they would all look changed)
+        changed = {k: (saved[k], v) for k, v in data_state.items() if k in saved and saved[k] != v}
         if changed:
             log.warning("data settings changed since the checkpoint %s: the batch stream will differ", changed)
     ga = plan.grad_accum

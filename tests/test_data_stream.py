@@ -176,16 +176,33 @@ def test_exact_mode_goes_on_past_a_lane_whose_deal_cannot_be_read(shard_set, tmp
 
 
 def test_a_shard_unreadable_in_one_epoch_is_read_again_in_the_next(shard_set, tmp_path):
-    """A remote shard whose first opens all fail (an outage) is passed over for the rest of that epoch,
-    counted each time, and read again in the next epoch (it had been dropped for the whole run)."""
+    """A remote shard whose first opens all fail (an outage) is passed over for the rest of that lane's
+    epoch, counted once, and read again in the next epoch (it had been dropped for the whole run)."""
     url = expand_shards(shard_set)[4]  # 80 samples
     count = tmp_path / "opens"
     flaky = f"pipe:n=$(cat {count} 2>/dev/null || echo 0); echo $((n + 1)) > {count}; [ $n -ge 2 ] && cat {url}"
     stream = ShardStream(spec([flaky], world=1, sampling="resampled", retries=2), AUG)
-    assert list(stream._samples_of(iter([(flaky, 0, None)] * 3), 0)) == []
-    assert stream._errors.count == 3  # one per pass over it (unknown length: one each)
+    dead = set()  # one lane's, for one epoch
+    assert list(stream._samples_of(iter([(flaky, 0, None)] * 3), dead)) == []
+    assert stream._errors.count == 1  # unknown length: one, and not again for each pass over it
     assert count.read_text().strip() == "2"  # tried twice, then passed over without opening
-    assert len(list(stream._samples_of(iter([(flaky, 0, None)]), 1))) == 80
+    assert len(list(stream._samples_of(iter([(flaky, 0, None)]), set()))) == 80  # the next epoch
+
+
+def test_a_damaged_range_leaves_the_shards_other_ranges_readable(shard_set, tmp_path):
+    """Exact deals cut shards into ranges: a range that cannot be read is passed over alone; an earlier
+    range of the same shard, dealt to another lane, still reads (a whole-shard mark dropped it)."""
+    url = expand_shards(shard_set)[4]  # 80 samples
+    with tarfile.open(url) as tar:
+        members = tar.getmembers()
+    cut = members[2 * 60].offset_data + 10  # inside sample 60's first member (2 members per sample)
+    damaged = tmp_path / "damaged.tar"
+    damaged.write_bytes(Path(url).read_bytes()[:cut])
+    stream = ShardStream(spec([str(damaged)], world=1, sampling="resampled", retries=1), AUG)
+    dead = set()
+    assert list(stream._samples_of(iter([(str(damaged), 70, None)]), dead)) == []
+    assert dead == {(str(damaged), 70, None)}
+    assert len(list(stream._samples_of(iter([(str(damaged), 0, 50)]), dead))) == 50
 
 
 def test_exact_mode_with_too_few_shards_says_how_many_are_needed():
@@ -272,10 +289,10 @@ def test_a_failing_pipe_reader_is_reported_not_silently_short(shard_set):
     """The shield must not hide a reader's real failure: a non-zero exit is one counted, named error; the
     samples it sent are kept but the last (which the failure may have cut short)."""
     url = expand_shards(shard_set)[0]
-    whole = len(list(ShardStream(spec([url], world=1), AUG)._samples_of(iter([(url, 0, None)]), 0)))
+    whole = len(list(ShardStream(spec([url], world=1), AUG)._samples_of(iter([(url, 0, None)]), set())))
     bad = f"pipe:cat {url}; exit 7"
     stream = ShardStream(spec([bad], world=1, sampling="resampled", retries=1), AUG)
-    assert len(list(stream._samples_of(iter([(bad, 0, None)]), 0))) == whole - 1 == 199
+    assert len(list(stream._samples_of(iter([(bad, 0, None)]), set()))) == whole - 1 == 199
     assert stream._errors.count == 1
 
 
@@ -301,9 +318,9 @@ def test_a_read_broken_off_inside_a_sample_never_gives_it_half_made(shard_set, t
     cut = next(m for m in members[second:] if m.name.split(".")[0] == key and m is not members[second]).offset
     flag = tmp_path / "broke"
     flaky = breaks_once(url, cut, flag)
-    plain = list(ShardStream(spec([url], world=1), AUG)._samples_of(iter([(url, 0, None)]), 0))
+    plain = list(ShardStream(spec([url], world=1), AUG)._samples_of(iter([(url, 0, None)]), set()))
     stream = ShardStream(spec([flaky], world=1, sampling="resampled"), AUG)
-    broken = list(stream._samples_of(iter([(flaky, 0, None)]), 0))
+    broken = list(stream._samples_of(iter([(flaky, 0, None)]), set()))
     assert flag.exists() and stream._errors.count == 0
     assert [sorted(k for k in x if not k.startswith("__")) for x in broken] == [
         sorted(k for k in x if not k.startswith("__")) for x in plain
@@ -322,7 +339,7 @@ def test_a_repeated_member_costs_that_member_not_the_rest_of_the_shard(tmp_path)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     stream = ShardStream(spec([str(path)], world=1), AUG)
-    assert len(list(stream._samples_of(iter([(str(path), 0, None)]), 0))) == 6
+    assert len(list(stream._samples_of(iter([(str(path), 0, None)]), set()))) == 6
     assert stream._errors.count == 1
     # A read that breaks off after the repeated member and is restarted replays it: still counted once.
     with tarfile.open(path) as tar:
@@ -330,7 +347,7 @@ def test_a_repeated_member_costs_that_member_not_the_rest_of_the_shard(tmp_path)
     flag = tmp_path / "broke"
     flaky = breaks_once(path, cut, flag)
     stream = ShardStream(spec([flaky], world=1, sampling="resampled"), AUG)
-    assert len(list(stream._samples_of(iter([(flaky, 0, None)]), 0))) == 6 and flag.exists()
+    assert len(list(stream._samples_of(iter([(flaky, 0, None)]), set()))) == 6 and flag.exists()
     assert stream._errors.count == 1
 
 
@@ -349,7 +366,7 @@ def test_a_shard_shorter_than_its_manifest_is_counted_as_truncated(tmp_path, dam
     expected = manifest_counts([url])
     assert expected == {url: 30}
     stream = ShardStream(replace(spec([url], world=1), expected=expected), AUG)
-    assert len(list(stream._samples_of(iter([(url, 0, None)]), 0))) == 10
+    assert len(list(stream._samples_of(iter([(url, 0, None)]), set()))) == 10
     assert stream._errors.count == 20
     assert "ends after 10 of the 30 samples its manifest lists" in caplog.text
 
@@ -421,9 +438,9 @@ def test_a_stalled_http_transfer_is_restarted_not_spliced(shard_set, monkeypatch
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         web = f"http://127.0.0.1:{server.server_port}/{Path(url).name}"
-        plain = list(ShardStream(spec([url], world=1), AUG)._samples_of(iter([(url, 0, None)]), 0))
+        plain = list(ShardStream(spec([url], world=1), AUG)._samples_of(iter([(url, 0, None)]), set()))
         stream = ShardStream(spec([web], world=1, sampling="resampled"), AUG)
-        got = list(stream._samples_of(iter([(web, 0, None)]), 0))
+        got = list(stream._samples_of(iter([(web, 0, None)]), set()))
     finally:
         release.set()
         server.shutdown()
@@ -433,9 +450,10 @@ def test_a_stalled_http_transfer_is_restarted_not_spliced(shard_set, monkeypatch
 
 
 def test_an_unreadable_url_scheme_is_refused_with_the_pipe_form():
-    with pytest.raises(ValueError, match=r"s3://.*pipe:aws s3 cp s3://b/train-0\.tar -"):
-        expand_shards("s3://b/train-{0..3}.tar")
-    assert len(expand_shards("https://host/train-{0..3}.tar")) == 4
+    with pytest.raises(ValueError, match=r"nfs://.*stream it through a command instead, e\.g\. 'pipe:"):
+        expand_shards("nfs://b/train-{0..3}.tar")
+    for scheme in ("https", "s3", "S3", "gs"):
+        assert len(expand_shards(f"{scheme}://host/train-{{0..3}}.tar")) == 4
 
 
 SIGTERM_FROM_SLURM = """
@@ -518,7 +536,7 @@ def test_object_store_urls_stream_through_their_cli_shielded(shard_set, tmp_path
     (fake / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
     stream = ShardStream(spec([url], world=1, sampling="resampled"), AUG)
-    assert len(list(stream._samples_of(iter([(url, 0, None)]), 0))) == 80  # survived its own SIGUSR1
+    assert len(list(stream._samples_of(iter([(url, 0, None)]), set()))) == 80  # survived its own SIGUSR1
     assert stream._errors.count == 0
     assert (tmp_path / "args").read_text().split() == (["s3", "cp", url, "-"] if tool == "aws" else ["cat", url])
 
@@ -529,7 +547,7 @@ def test_a_reader_that_dies_is_named_not_an_empty_file(shard_set, caplog):
     bad = "pipe:echo nope >&2; exit 5"
     stream = ShardStream(spec([bad], world=1, sampling="resampled", retries=1), AUG)
     with caplog.at_level("WARNING"):
-        assert list(stream._samples_of(iter([(bad, 0, None)]), 0)) == []
+        assert list(stream._samples_of(iter([(bad, 0, None)]), set())) == []
     assert "the reader exited with status 5" in caplog.text
 
 

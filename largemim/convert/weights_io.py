@@ -134,6 +134,8 @@ def atomic_folder(out: str | Path, writes: set[str]) -> Iterator[Path]:
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
+        _sync(out)
+        _sync(out.parent)  # the renames themselves
     except BaseException:
         if old.is_dir() and not out.exists():
             os.replace(old, out)

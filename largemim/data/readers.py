@@ -33,6 +33,10 @@ _IGNORE_STEP_SIGNALS = 'trap "" ' + " ".join(s.name.removeprefix("SIG") for s in
 CURL = ["curl", "--connect-timeout", "30", "--speed-limit", "1024", "--speed-time", "300", "-f", "-s", "-L"]
 
 
+class ReaderFailed(OSError):
+    """A reader process exited non-zero."""
+
+
 class ShardReader:
     """A shard's byte stream, and the process that produces it (none for a local file)."""
 
@@ -46,7 +50,7 @@ class ShardReader:
             pass
         self.stream.close()
         if self.proc is not None and self.proc.wait() != 0:
-            raise OSError(f"the reader exited with status {self.proc.returncode}")
+            raise ReaderFailed(f"the reader exited with status {self.proc.returncode}")
 
     def exit_status(self, wait_s: float = 1.0) -> int | None:
         """The reader's exit status if it has ended (waiting up to ``wait_s``), else None; None for a file."""
@@ -81,6 +85,7 @@ _COMMANDS = {
     "ais": lambda url: ["ais", "get", url, "-"],
     **{scheme: lambda url: [*CURL, url] for scheme in ("http", "https", "sftp", "ftps", "scp")},
 }
+READER_SCHEMES = tuple(_COMMANDS)
 
 
 def open_shard(url: str, bufsize: int = 1 << 16) -> ShardReader:

@@ -9,11 +9,13 @@ import braceexpand
 from webdataset.gopen import gopen_schemes
 
 from largemim.data.manifest import MANIFEST_NAME, Manifest
+from largemim.data.readers import READER_SCHEMES
 
 log = logging.getLogger(__name__)
 
-# Schemes webdataset's gopen reads (http(s) with curl, gs with gsutil, ...), and file://.
-_READABLE_SCHEMES = (set(gopen_schemes) - {"__default__"}) | {"file"}
+# Schemes largemim's readers start (data/readers.py: s3 with the AWS CLI, gs with gsutil, http(s) with
+# curl, ...), those webdataset's gopen reads (hf://, ...), and file://.
+_READABLE_SCHEMES = (set(gopen_schemes) - {"__default__"}) | set(READER_SCHEMES) | {"file"}
 
 
 def split_sets(pattern: str) -> list[str]:
@@ -32,11 +34,11 @@ def expand_shards(pattern: str) -> list[str]:
     if not urls:
         raise ValueError(f"shard pattern {pattern!r} expands to no shard")
     for url in urls:
-        scheme = url.split("://", 1)[0] if "://" in url and not url.startswith("pipe:") else None
+        scheme = url.split("://", 1)[0].lower() if "://" in url and not url.startswith("pipe:") else None
         if scheme is not None and scheme not in _READABLE_SCHEMES:
             raise ValueError(
                 f"data.shards: {url!r} has a scheme ({scheme}://) that cannot be read directly; stream it "
-                f"through a command instead, e.g. 'pipe:aws s3 cp {url} -' for s3://"
+                f"through a command instead, e.g. 'pipe:mycli cat {url}'"
             )
     local = [u for u in urls if is_local(u)]
     missing = [u for u in local if not Path(u).is_file()]

@@ -25,7 +25,7 @@ Two ways to choose shards (``data.sampling``):
   shuffle buffer, before it reads any of it again. Every sample is read once per epoch, but for the
   ``N mod (ranks x micro_batch)`` left over at the end of the order, which the shuffle changes from
   epoch to epoch. This needs each shard's sample count (the manifests); without them whole shards are
-  dealt and the epoch is only nearly exact. Fewer shards than ranks x lanes is an error at start-up
+  dealt and the epoch is only nearly exact, and fewer shards than ranks x lanes is an error at start-up
   (:func:`check_exact_split`).
 
 Either way every rank yields exactly ``micro_batches_per_epoch`` batches per data epoch, so no rank waits
@@ -60,7 +60,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from largemim.data.augment import TrainAugment, image_bytes
 from largemim.data.device_decode import EncodedImages
-from largemim.data.readers import open_shard
+from largemim.data.readers import ReaderFailed, open_shard
 from largemim.data.sources import is_local
 
 log = logging.getLogger(__name__)
@@ -148,9 +148,6 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.spec, self.augment, self.start_batch = spec, augment, start_batch
         self._errors = _SkipCounter()
-        # URL -> the epoch in which a read of it gave no sample: passed over (and counted) for the rest of
-        # that epoch only, so that an outage while a remote shard is opened costs it one epoch, not the run
-        self._dead: dict[str, int] = {}
 
     # -- which shards a (rank, worker) reads in an epoch
     def shards_for(self, epoch: int, lane: int, lanes: int) -> list[str]:
@@ -198,16 +195,19 @@ class ShardStream(IterableDataset):
             pos = 0
         return parts
 
-    def _samples_of(self, parts: Iterator[tuple[str, int, int | None]], epoch: int) -> Iterator[dict]:
-        for url, first, stop in parts:
-            if self._dead.get(url) == epoch:
-                known = self.spec.expected.get(url)
-                self._errors.add((stop if stop is not None else known or first + 1) - first,
-                                 f"shard {url}: passed over (unreadable earlier this epoch)")  # fmt: skip
+    def _samples_of(self, parts: Iterator[tuple[str, int, int | None]], dead: set) -> Iterator[dict]:
+        """The samples of each (url, first, stop) range in turn. ``dead``: the ranges that gave nothing,
+        one lane's for one epoch (so a resumed lane, which replays its epoch, marks the same ones): passed
+        over without another try, and not counted again; an outage while a remote shard is opened costs
+        that range one epoch, not the run."""
+        for part in parts:
+            if part in dead:
                 continue
-            yield from self._shard_samples(url, first, stop, epoch)
+            yield from self._shard_samples(*part, dead=dead)
 
-    def _shard_samples(self, url: str, first: int = 0, stop: int | None = None, epoch: int = 0) -> Iterator[dict]:
+    def _shard_samples(
+        self, url: str, first: int = 0, stop: int | None = None, dead: set | None = None
+    ) -> Iterator[dict]:
         """Samples ``first`` to ``stop`` (None: the end) of one shard, in order; the ones before ``first``
         are read past without decoding. A failing read (a ``pipe:`` command or curl that cannot start,
         exits non-zero or breaks off; an I/O error on a local file) is restarted up to ``open_retries``
@@ -215,8 +215,8 @@ class ShardStream(IterableDataset):
         given only once the next one has begun, and the last only once the read ended well: a read broken
         off between two members of a sample never gives that sample half-made. A damaged tar (not an I/O
         error) is not read again. What could not be read is skipped with one warning and counted (the
-        samples of the range the manifest says are missing, else one); a shard that gave no sample is
-        passed over for the rest of the epoch."""
+        samples of the range the manifest says are missing, else one); a range that gave no sample is
+        added to ``dead``."""
         attempts = max(1, self.spec.open_retries)
         expected = self.spec.expected.get(url)
         limit = stop if stop is not None else expected  # the samples this read should end with
@@ -256,9 +256,9 @@ class ShardStream(IterableDataset):
                 error = None
                 break
             except Exception as exn:  # noqa: BLE001 - any read failure is retried, then skipped and counted
-                status = reader.exit_status() if reader is not None else None
+                status = reader.exit_status(0.2) if reader is not None and not isinstance(exn, ReaderFailed) else None
                 # the tar parser fails first when a reader dies (an "empty file"): name the reader's failure
-                error = OSError(f"the reader exited with status {status} ({exn})") if status else exn
+                error = ReaderFailed(f"the reader exited with status {status} ({exn})") if status else exn
                 log.info("shard %s: attempt %d of %d failed after %d samples: %s", url, attempt, attempts, read, exn)
                 if is_local(url) and not isinstance(exn, OSError):
                     break  # a damaged file reads the same way again
@@ -267,9 +267,12 @@ class ShardStream(IterableDataset):
                     reader.abandon()  # stopped early (failure, or the lane moved on): end the reader now
         if error is not None:
             missing = limit - given if limit is not None and limit > given else 1
-            self._errors.add(missing, f"shard {url}: read {given} samples, then failed ({error}); the rest is skipped")
-            if given == first:
-                self._dead[url] = epoch
+            where = (
+                f"samples {first}-{limit or 'end'}: read {given - first}" if first or stop else f"read {given} samples"
+            )
+            self._errors.add(missing, f"shard {url} ({where}, then failed: {error}); the rest is skipped")
+            if given == first and dead is not None:
+                dead.add((url, first, stop))
         elif limit is not None and given < limit:
             self._errors.add(
                 limit - given,
@@ -291,14 +294,14 @@ class ShardStream(IterableDataset):
         never takes the place of one not yet read; endless."""
         s = self.spec
         parts = self.parts_for(epoch, lane, lanes)
-        fallback = False
+        fallback, dead = False, set()
         for cycle in range(1 << 30):
             order = list(parts)
             if cycle:  # the first pass keeps the deal's order, so neighbouring lanes' reads rarely overlap
                 random.Random(f"{s.seed}-cycle-{epoch}-{s.rank}-{lane}-{cycle}").shuffle(order)
             rng = random.Random(f"{s.seed}-shuffle-{epoch}-{s.rank}-{lane}" + (f"-{cycle}" if cycle else ""))
             read = 0
-            samples = self._samples_of(iter(order), epoch)
+            samples = self._samples_of(iter(order), dead)
             for sample in wds.filters._shuffle(samples, bufsize=s.shuffle_buffer, initial=s.shuffle_buffer, rng=rng):
                 read += 1
                 yield sample
@@ -334,7 +337,7 @@ class ShardStream(IterableDataset):
                 yield url
 
         parts = ((url, 0, None) for url in counted(self._shard_order(epoch, lane, set_index)))
-        for sample in self._samples_of(parts, epoch):
+        for sample in self._samples_of(parts, set()):  # one lane's, for one epoch (a new stream each epoch)
             empty_in_a_row[0] = 0
             yield sample
 
