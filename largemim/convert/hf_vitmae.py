@@ -176,19 +176,24 @@ def arch_from_hf_config(cfg: dict) -> MIMArch:
 
 def export_hf(mim_sd: dict[str, torch.Tensor], arch: MIMArch, out: str | Path) -> dict:
     """Write a folder ``ViTMAEForPreTraining.from_pretrained(out)`` loads; returns a summary."""
+    return _write_folder(out, to_hf(mim_sd), hf_config(arch), arch, "ViTMAEForPreTraining.from_pretrained({!r})")
+
+
+def _write_folder(out: str | Path, sd: dict[str, torch.Tensor], config: dict, arch: MIMArch, load: str) -> dict:
+    """``config.json``, ``model.safetensors`` and (with the run's normalisation) the image processor's
+    config, as one folder that replaces ``out`` whole; returns a summary."""
     out = Path(out)
     if out.suffix:
         raise ValueError(f"{out}: the Hugging Face format is a folder; give a folder name")
-    sd = to_hf(mim_sd)
     written = ["config.json", "model.safetensors"]
     with atomic_folder(out, {*written, "preprocessor_config.json"}) as tmp:
         save_weights(sd, tmp / "model.safetensors")
-        dump_json(tmp / "config.json", hf_config(arch))
+        dump_json(tmp / "config.json", config)
         if arch.mean is not None:
             dump_json(tmp / "preprocessor_config.json", _preprocessor(arch))
             written.append("preprocessor_config.json")
     return {"written": str(out), "files": written, "weights": describe(sd),
-            "load": f"transformers.ViTMAEForPreTraining.from_pretrained({str(out)!r})"}  # fmt: skip
+            "load": "transformers." + load.format(str(out))}  # fmt: skip
 
 
 def hf_vit_config(arch: MIMArch) -> dict:
@@ -214,22 +219,11 @@ def export_hf_encoder(mim_sd: dict[str, torch.Tensor], arch: MIMArch, out: str |
     """Write the encoder of any objective (MAE, SimMIM, BEiT, data2vec) as a ``transformers.ViTModel``
     folder: the names of ViTMAE's encoder without its ``vit.`` prefix. ViTModel adds a pooler (a dense
     layer on the class token) that MIM does not train: load with ``add_pooling_layer=False``."""
-    out = Path(out)
-    if out.suffix:
-        raise ValueError(f"{out}: the Hugging Face format is a folder; give a folder name")
     encoder = {k: v for k, v in mim_sd.items() if k.startswith("encoder.")}
     if not encoder:
         raise ValueError("no encoder.* tensors to export")
     sd = {k.removeprefix("vit."): v for k, v in to_hf(encoder).items()}
-    written = ["config.json", "model.safetensors"]
-    with atomic_folder(out, {*written, "preprocessor_config.json"}) as tmp:
-        save_weights(sd, tmp / "model.safetensors")
-        dump_json(tmp / "config.json", hf_vit_config(arch))
-        if arch.mean is not None:
-            dump_json(tmp / "preprocessor_config.json", _preprocessor(arch))
-            written.append("preprocessor_config.json")
-    return {"written": str(out), "files": written, "weights": describe(sd),
-            "load": f"transformers.ViTModel.from_pretrained({str(out)!r}, add_pooling_layer=False)"}  # fmt: skip
+    return _write_folder(out, sd, hf_vit_config(arch), arch, "ViTModel.from_pretrained({!r}, add_pooling_layer=False)")
 
 
 def import_hf(folder: str | Path, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], MIMArch]:
