@@ -360,6 +360,8 @@ def test_cli_exports_a_trained_run(runs, tmp_path):
     out = tmp_path / "back.safetensors"
     assert main(["import", str(tmp_path / "mae.pth"), str(out)]) == 2  # decoder not MAE's 512: heads unknown
     assert main(["import", str(tmp_path / "mae.pth"), str(out), "--decoder-heads", "4"]) == 0
+    assert main(["to-hf", str(tmp_path / "mae.pth"), str(tmp_path / "hf_from_pth")]) == 2  # the same: heads unknown
+    assert main(["to-hf", str(tmp_path / "mae.pth"), str(tmp_path / "hf_from_pth"), "--decoder-heads", "4"]) == 0
     back = load_file(out)
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
     assert read_metadata(out).model == arch.model

@@ -48,7 +48,10 @@ log = logging.getLogger("convert")
 
 def _source(args, need_arch: bool = True) -> tuple[dict, MIMArch | None]:
     """Weights and architecture of SRC; --config supplies the architecture when SRC does not carry it."""
-    weights = load_init_weights(args.src, img_size=getattr(args, "img_size", None), trust_pickle=args.trust_pickle)
+    weights = load_init_weights(
+        args.src, img_size=getattr(args, "img_size", None), trust_pickle=args.trust_pickle,
+        heads=getattr(args, "heads", None), decoder_heads=getattr(args, "decoder_heads", None),
+    )  # fmt: skip
     arch = _with_config(weights.arch, args)
     if arch is None and need_arch:
         raise ValueError(f"{args.src} does not say its architecture (heads, mask ratio); pass --config "
@@ -218,6 +221,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ]:
         p = add(name, fn, help_, out_help)
         p.add_argument("--config", help="YAML config giving the architecture, if SRC lacks one")
+        p.add_argument("--heads", type=int, default=None, help="encoder heads of foreign weights, if the size "
+                       "table cannot tell")  # fmt: skip
+        p.add_argument("--decoder-heads", type=int, default=None, help="decoder heads of reference-MAE weights "
+                       "whose decoder is not MAE's 512 wide")  # fmt: skip
         if name == "to-official":
             p.add_argument("--epoch", type=int, default=None, help="epoch to record in the file")
         if name == "to-hf":
