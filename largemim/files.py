@@ -1,4 +1,4 @@
-"""Writing small files so that a crash never leaves a half-written one."""
+"""Writing files so that a crash never leaves a half-written one."""
 
 from __future__ import annotations
 
@@ -6,17 +6,34 @@ import os
 from pathlib import Path
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it, synced and renamed over it: a reader
-    (or a crash) sees the old file or the new one, never a part of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a folder's: its entries, i.e. renames) data to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def shared_mode(path: Path) -> None:
+    """Permissions like any other output (safetensors creates its files private, 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Put the written ``tmp`` in ``path``'s place: synced first, so that a crash leaves the old file or
+    the whole new one, the rename synced too, and readable by others."""
+    shared_mode(tmp)
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it, synced and renamed over it: a reader
+    (or a crash) sees the old file or the new one, never a part of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    replace_durably(tmp, path)

@@ -160,7 +160,8 @@ def train(cfg: Config, env: DistEnv) -> dict:
     num_samples = cfg.data.num_samples or sum(expected[u] for u in urls)
     plan = make_plan(cfg, env.world_size, num_samples)
     lanes = cfg.data.lanes or max(1, cfg.data.workers)  # sample streams per rank (see data/stream.py)
-    if cfg.data.sampling == "exact" and not all(u in expected for u in urls):  # whole shards are dealt
+    counted = all(u in expected for u in urls)  # every shard's sample count known (local, manifests)
+    if cfg.data.sampling == "exact" and not counted:  # whole shards are dealt
         try:
             check_exact_split(len(urls), env.world_size, lanes)
         except ValueError as e:
@@ -204,7 +205,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
         "micro_batch": cfg.train.micro_batch,
         "shuffle_buffer": cfg.data.shuffle_buffer,
         # the mixing weights in force: the default follows sample counts where all are known (data/stream.py)
-        "weights": list(cfg.data.weights) or ("samples" if all(u in expected for u in urls) else "shards"),
+        "weights": list(cfg.data.weights) or ("samples" if counted else "shards"),
     }
     client = ckpt.load_latest(engine, universal)
     start = 0

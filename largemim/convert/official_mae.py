@@ -16,7 +16,8 @@ import torch
 
 from largemim.convert.arch import MIMArch, infer_arch
 from largemim.convert.safe_load import load_torch
-from largemim.convert.weights_io import describe, replace_durably, unwrap_state_dict
+from largemim.convert.weights_io import describe, unwrap_state_dict
+from largemim.files import replace_durably
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from largemim.convert.arch import METADATA_KEY, MIMArch
 from largemim.convert.safe_load import load_torch
-from largemim.files import write_atomic
+from largemim.files import fsync_path, replace_durably, shared_mode, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -52,30 +52,6 @@ def check_weights_path(path: str | Path) -> Path:
     if path.suffix != ".safetensors" and path.suffix not in TORCH_SUFFIXES:
         raise ValueError(f"{path}: unknown weights format {path.suffix!r}; use .safetensors (or .pt)")
     return path
-
-
-def _shared_mode(path: Path) -> None:
-    """Permissions like any other output (safetensors creates its files private, 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def _sync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_durably(tmp: Path, path: Path) -> None:
-    """Put the written ``tmp`` in ``path``'s place: synced first, so that a crash leaves the old file or
-    the whole new one, and readable by others."""
-    _shared_mode(tmp)
-    _sync(tmp)
-    os.replace(tmp, path)
-    _sync(path.parent)
 
 
 def save_weights(sd: dict[str, torch.Tensor], path: str | Path, arch: MIMArch | None = None) -> Path:
@@ -129,13 +105,13 @@ def atomic_folder(out: str | Path, writes: set[str]) -> Iterator[Path]:
         yield tmp
         for f in tmp.iterdir():
             if f.is_file():
-                _shared_mode(f)
-                _sync(f)
+                shared_mode(f)
+                fsync_path(f)
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
-        _sync(out)
-        _sync(out.parent)  # the renames themselves
+        fsync_path(out)
+        fsync_path(out.parent)  # the renames themselves
     except BaseException:
         if old.is_dir() and not out.exists():
             os.replace(old, out)

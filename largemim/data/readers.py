@@ -52,7 +52,7 @@ class ShardReader:
         if self.proc is not None and self.proc.wait() != 0:
             raise ReaderFailed(f"the reader exited with status {self.proc.returncode}")
 
-    def exit_status(self, wait_s: float = 1.0) -> int | None:
+    def exit_status(self, wait_s: float = 0.2) -> int | None:
         """The reader's exit status if it has ended (waiting up to ``wait_s``), else None; None for a file."""
         if self.proc is None:
             return None

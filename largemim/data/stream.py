@@ -150,10 +150,15 @@ class ShardStream(IterableDataset):
         self._errors = _SkipCounter()
 
     # -- which shards a (rank, worker) reads in an epoch
+    def _epoch_order(self, epoch: int) -> list[str]:
+        """Exact mode: the epoch's shard order, the same on every rank."""
+        order = list(self.spec.urls)
+        random.Random(f"{self.spec.seed}-shards-{epoch}").shuffle(order)
+        return order
+
     def shards_for(self, epoch: int, lane: int, lanes: int) -> list[str]:
         s = self.spec
-        order = list(s.urls)
-        random.Random(f"{s.seed}-shards-{epoch}").shuffle(order)
+        order = self._epoch_order(epoch)
         slots = s.world_size * lanes
         slot = s.rank * lanes + lane
         mine = order[slot::slots]
@@ -166,10 +171,9 @@ class ShardStream(IterableDataset):
         to the shard's end): the run of the epoch's shard order that its batches need, after the runs of
         the slots before it (ranks, then lanes). Whole shards (``shards_for``) where a count is unknown."""
         s = self.spec
-        order = list(s.urls)
-        if any(u not in s.expected for u in order):
+        if any(u not in s.expected for u in s.urls):
             return [(u, 0, None) for u in self.shards_for(epoch, lane, lanes)]
-        random.Random(f"{s.seed}-shards-{epoch}").shuffle(order)
+        order = self._epoch_order(epoch)
         per_epoch = s.micro_batches_per_epoch
 
         def need(ln: int) -> int:  # samples lane ln's batches of this epoch take (one rank)
@@ -256,7 +260,7 @@ class ShardStream(IterableDataset):
                 error = None
                 break
             except Exception as exn:  # noqa: BLE001 - any read failure is retried, then skipped and counted
-                status = reader.exit_status(0.2) if reader is not None and not isinstance(exn, ReaderFailed) else None
+                status = reader.exit_status() if reader is not None and not isinstance(exn, ReaderFailed) else None
                 # the tar parser fails first when a reader dies (an "empty file"): name the reader's failure
                 error = ReaderFailed(f"the reader exited with status {status} ({exn})") if status else exn
                 log.info("shard %s: attempt %d of %d failed after %d samples: %s", url, attempt, attempts, read, exn)
@@ -316,8 +320,7 @@ class ShardStream(IterableDataset):
             # skipped samples counted) rather than stop every rank over one bad shard.
             log.warning("the shards dealt to rank %d lane %d gave no readable sample: it reads the epoch's other "
                         "shards instead", s.rank, lane)  # fmt: skip
-            everything = list(s.urls)
-            random.Random(f"{s.seed}-shards-{epoch}").shuffle(everything)  # the epoch's order
+            everything = self._epoch_order(epoch)
             turn = (s.rank * lanes + lane) % len(everything)
             parts, fallback = [(u, 0, None) for u in everything[turn:] + everything[:turn]], True
 
