@@ -525,10 +525,12 @@ def test_a_killed_rank_leaves_no_loader_worker_behind():
                 reader.kill()
 
 
-@pytest.mark.parametrize("url, tool", [("s3://bucket/train.tar", "aws"), ("gs://bucket/train.tar", "gsutil")])
+@pytest.mark.parametrize(
+    "url, tool", [("s3://bucket/train.tar", "aws"), ("gs://bucket/train.tar", "gsutil"), ("htgs://b/t.tar", "curl")]
+)
 def test_object_store_urls_stream_through_their_cli_shielded(shard_set, tmp_path, monkeypatch, url, tool):
-    """s3:// (the AWS CLI; webdataset knows no s3) and gs:// (gsutil) start like curl: their reader has the
-    step signals ignored and is killable; here the tools are stand-ins that print the local shard."""
+    """s3:// (the AWS CLI; webdataset knows no s3), gs:// (gsutil) and htgs:// (curl) start like curl: their
+    reader has the step signals ignored and is killable; here the tools are stand-ins that print the shard."""
     local = expand_shards(shard_set)[4]  # 80 samples
     fake = tmp_path / "bin"
     fake.mkdir()
@@ -538,7 +540,32 @@ def test_object_store_urls_stream_through_their_cli_shielded(shard_set, tmp_path
     stream = ShardStream(spec([url], world=1, sampling="resampled"), AUG)
     assert len(list(stream._samples_of(iter([(url, 0, None)]), set()))) == 80  # survived its own SIGUSR1
     assert stream._errors.count == 0
-    assert (tmp_path / "args").read_text().split() == (["s3", "cp", url, "-"] if tool == "aws" else ["cat", url])
+    args = (tmp_path / "args").read_text().split()
+    if tool == "curl":  # htgs: GCS over HTTPS (webdataset's own htgs reader gave curl the gs:// URL)
+        assert args[-1] == "https://storage.googleapis.com/b/t.tar" and "-f" in args
+    else:
+        assert args == (["s3", "cp", url, "-"] if tool == "aws" else ["cat", url])
+
+
+def test_webdataset_scheme_readers_start_with_the_step_signals_blocked(shard_set, tmp_path, monkeypatch):
+    """A scheme only webdataset knows (hf://, or one a user registers in gopen_schemes) is read by
+    webdataset's own Pipe; its process starts with the step signals blocked, so a Slurm signal to the job
+    step does not cut the shard short."""
+    from webdataset.gopen import Pipe, gopen_schemes
+
+    local = expand_shards(shard_set)[4]  # 80 samples
+    reader = tmp_path / "reader.py"
+    reader.write_text(
+        "import os, signal, sys\n"
+        "for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):\n"
+        "    os.kill(os.getpid(), sig)  # kills an unshielded reader before it sends a byte\n"
+        "sys.stdout.buffer.write(open(sys.argv[1], 'rb').read())\n"
+    )
+    opener = lambda url, mode="rb", bufsize=8192: Pipe([sys.executable, str(reader), local], mode=mode, bufsize=bufsize)  # noqa: E731
+    monkeypatch.setitem(gopen_schemes, "wdtest", opener)
+    stream = ShardStream(spec(["wdtest://x/train.tar"], world=1, sampling="resampled"), AUG)
+    assert len(list(stream._samples_of(iter([("wdtest://x/train.tar", 0, None)]), set()))) == 80
+    assert stream._errors.count == 0
 
 
 def test_a_reader_that_dies_is_named_not_an_empty_file(shard_set, caplog):

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import largemim.data.fast_decode as fast_decode
-from largemim.data.augment import Normalise, TrainAugment, crop_params
+from largemim.data.augment import Normalise, TrainAugment, crop_params, decode_rgb
 from largemim.data.fast_decode import FastTrainAugment, dct_scale, load_top_rows
 from tools.check_device_decode import photo_like
 
@@ -129,6 +129,7 @@ def modes() -> dict[str, bytes]:
         "P-transparent-png": encode(palette_t, "PNG"),
         "CMYK-jpeg": encode(rgb.convert("CMYK"), "JPEG", quality=95),
         "I;16-png": encode(grey16, "PNG"),
+        "F-tiff": encode(Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.float32) / 255.0, mode="F"), "TIFF"),
         "RGB-webp": encode(rgb, "WEBP", lossless=True),
     }
 
@@ -144,6 +145,19 @@ def test_every_mode_matches_reference(pair, name):
             assert psnr(a, b) > 30.0
         else:
             assert_same_pixels(a, b, f"{name} seed {seed}")
+
+
+def test_float_and_16_bit_images_keep_their_contrast():
+    """A float TIFF (0..1) and a 16-bit PNG decode to the 8-bit grey they were made from, not to black."""
+    grey = np.asarray(photo_like(96, 80, seed=5).convert("L"))
+    float01 = Image.fromarray(grey.astype(np.float32) / 255.0, mode="F")
+    float_big = Image.fromarray(grey.astype(np.float32) * 4.0, mode="F")  # a range past 1: scaled by its peak
+    wide = Image.fromarray(grey.astype(np.uint16) * 257)
+    for name, img, fmt in (("F 0..1", float01, "TIFF"), ("F 0..1020", float_big, "TIFF"), ("I;16", wide, "PNG")):
+        out = np.asarray(decode_rgb(encode(img, fmt)))
+        want = grey * (255.0 / grey.max()) if name == "F 0..1020" else grey
+        assert out.shape == (80, 96, 3), name
+        assert np.abs(out[..., 0].astype(float) - want).max() <= 1.0, name
 
 
 def test_crops_and_flips_are_the_reference_ones(pair):

@@ -366,3 +366,23 @@ def test_damaged_inputs_and_leftovers_get_errors_that_name_them(image_folder: Pa
 
     run = subprocess.run([*cmd[:-5], "--samples-per-shard", "0", "--no-progress"], capture_output=True, text=True)
     assert run.returncode != 0 and "--samples-per-shard must be >= 1" in run.stderr
+
+
+def test_a_tar_cut_inside_a_header_or_between_members_is_refused(tmp_path: Path):
+    """Python's tarfile reads a tar cut inside a header (or right after a member) as a shorter whole tar:
+    the samples after the cut were dropped without a word. The missing end-of-archive block names it."""
+    whole = tmp_path / "whole.tar"
+    with tarfile.open(whole, "w", format=tarfile.GNU_FORMAT) as tar:
+        for i in range(3):
+            data = bytes([i]) * 700
+            info = tarfile.TarInfo(f"{i:04d}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert len(scan_tars([whole]).samples) == 3
+    with tarfile.open(whole) as tar:
+        third = tar.getmembers()[2].offset  # where the third header starts
+    for name, cut in (("in-header.tar", third + 100), ("at-boundary.tar", third)):
+        bad = tmp_path / name
+        bad.write_bytes(whole.read_bytes()[:cut])
+        with pytest.raises(ValueError, match=rf"{name} is damaged or truncated \(no end-of-archive block"):
+            scan_tars([bad])

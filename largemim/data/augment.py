@@ -47,11 +47,17 @@ def crop_params(
 
 
 def decode_rgb(data: bytes) -> Image.Image:
-    """Any PIL-readable image (grey, palette, CMYK, alpha, 16-bit) as 8-bit RGB."""
+    """Any PIL-readable image (grey, palette, CMYK, alpha, 16-bit, float) as 8-bit RGB."""
     img = Image.open(io.BytesIO(data))
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits, not clip
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grey: scale to 8 bits, not clip
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        top = max(float(arr.max()), 0.0) if arr.size else 0.0
+        if img.mode.startswith("I;16"):
+            peak = 65535.0
+        elif img.mode == "F" and top <= 1.0:  # float images are usually 0..1 (PIL's own convert clips to 0/1)
+            peak = 1.0
+        else:
+            peak = max(top, 1.0)
         img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")

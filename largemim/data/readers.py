@@ -1,5 +1,6 @@
 """Open a shard URL: a local path, a ``pipe:`` command, an ``http(s)``/``sftp``/``ftps``/``scp`` URL (read
-with curl), or ``gs://`` (gsutil), ``s3://`` (the AWS CLI), ``ais://`` (ais).
+with curl), ``htgs://`` (curl from storage.googleapis.com), or ``gs://`` (gsutil), ``s3://`` (the AWS
+CLI), ``ais://`` (ais); other schemes webdataset knows (``hf://``) through its own reader.
 
 A ``pipe:`` or curl reader is a child process, and Slurm signals every process of a job step: the
 time-limit warning (``--signal``, USR1/USR2) and, on ``scancel`` or preemption, SIGTERM. A reader that
@@ -9,8 +10,9 @@ those signals blocked (:func:`largemim.signals.held`), under a bash that also ig
 runs the command (an ignored signal stays ignored through ``exec``). bash, not sh: dash clears an
 inherited signal mask, leaving a moment before its ``trap`` runs; where there is no bash, sh is used.
 A reader still ends when its rank closes the pipe (SIGPIPE), is killed (:meth:`ShardReader.abandon`),
-or Slurm sends its final SIGKILL. No ``preexec_fn``: it would force a full fork of the (large) process
-for every shard.
+or Slurm sends its final SIGKILL. webdataset's readers (``hf://``) start curl without a shell: they get
+the signals blocked, not ignored (a mask survives ``exec``). No ``preexec_fn``: it would force a full
+fork of the (large) process for every shard.
 """
 
 from __future__ import annotations
@@ -83,6 +85,9 @@ _COMMANDS = {
     "gs": lambda url: ["gsutil", "cat", url],
     "s3": lambda url: ["aws", "s3", "cp", url, "-"],
     "ais": lambda url: ["ais", "get", url, "-"],
+    # Google Cloud Storage over HTTPS (public objects). webdataset's own htgs reader hands curl a gs:// URL,
+    # which curl cannot read.
+    "htgs": lambda url: [*CURL, "https://storage.googleapis.com/" + url.split("://", 1)[1]],
     **{scheme: lambda url: [*CURL, url] for scheme in ("http", "https", "sftp", "ftps", "scp")},
 }
 READER_SCHEMES = tuple(_COMMANDS)
@@ -95,4 +100,7 @@ def open_shard(url: str, bufsize: int = 1 << 16) -> ShardReader:
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in _COMMANDS:
         return _start([_SHELL, "-c", _IGNORE_STEP_SIGNALS + 'exec "$0" "$@"', *_COMMANDS[scheme](url)], bufsize)
-    return ShardReader(gopen(url))  # a local file (or a scheme only webdataset knows, e.g. hf://)
+    if scheme and scheme != "file":  # one only webdataset knows (hf://): its curl inherits the blocked signals
+        with held(STEP_SIGNALS):
+            return ShardReader(gopen(url, bufsize=bufsize))
+    return ShardReader(gopen(url))  # a local file

@@ -185,6 +185,16 @@ def scan_list(list_path: str | os.PathLike) -> Source:
     return Source(samples, classes, f"{len(rows)} images in {len(classes)} classes listed in {list_path}")
 
 
+def _check_end(tar: tarfile.TarFile, url: str) -> None:
+    """Python's ``tarfile`` reads a tar cut inside a header (or at a member's end) as one that ends there:
+    the members after the cut would go missing without a word. A whole tar has a zero block (the end
+    marker) where its last member ends."""
+    tar.fileobj.seek(tar.offset)
+    end = tar.fileobj.read(BLOCK)
+    if len(end) < BLOCK or end.count(0) != BLOCK:
+        raise tarfile.ReadError(f"no end-of-archive block after the member ending at byte {tar.offset}")
+
+
 def _tar_samples(url: str) -> Iterator[SourceSample]:
     try:
         with tarfile.open(url, "r:") as tar:
@@ -202,6 +212,7 @@ def _tar_samples(url: str) -> Iterator[SourceSample]:
                 members.append(Member(m.group(2).lower(), url, info.size, info.offset_data))
             if members:
                 yield SourceSample(tuple(members))
+            _check_end(tar, url)
     except (tarfile.ReadError, EOFError) as exn:
         with open(url, "rb") as f:
             head = f.read(6)
