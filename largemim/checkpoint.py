@@ -16,12 +16,13 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from largemim.files import write_atomic
+from largemim.files import fsync_path, write_atomic
 from largemim.signals import held
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,39 @@ def _converted_from(out: Path, meta: dict) -> bool:
     return done.get("saved_at") == meta.get("saved_at") and done.get("world_size") == meta.get("world_size")
 
 
+@contextmanager
+def _synced_writes(engine):
+    """Every file this rank's engine writes is fsynced once written, and its folder after the save: the
+    marker, written next and synced itself, must never outlive (a power cut, a kernel panic) shards still
+    in the page cache, or a resume would fail on a torn file after the older checkpoints were pruned.
+    DeepSpeed's ``TorchCheckpointEngine.save`` is a bare ``torch.save``; each rank syncs what it wrote
+    itself (on a shared file system only the writer's client holds the dirty pages)."""
+    saver = getattr(engine, "checkpoint_engine", None)
+    original = getattr(saver, "save", None)
+    if original is None:
+        log.warning("this DeepSpeed engine has no checkpoint_engine.save: checkpoint files are not fsynced")
+        yield
+        return
+    folders: set[Path] = set()
+
+    def save(state_dict, path, *args, **kwargs):
+        original(state_dict, path, *args, **kwargs)
+        fsync_path(Path(path))
+        folders.add(Path(path).parent)
+
+    own = vars(saver).get("save")  # an instance's own save, if something set one (else the class's)
+    saver.save = save
+    try:
+        yield
+    finally:
+        if own is None:
+            del saver.save
+        else:
+            saver.save = own
+    for folder in folders:
+        fsync_path(folder)
+
+
 class Checkpointer:
     def __init__(self, run_dir: str | os.PathLike, keep_last: int, rank: int):
         self.dir = Path(run_dir) / "checkpoints"
@@ -84,8 +118,9 @@ class Checkpointer:
             if stale.exists():
                 log.warning("could not remove all of %s: files of the new save replace those of the same name", stale)
         dist.barrier()
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
-        dist.barrier()  # every rank's shards are on disk before the marker says so
+        with _synced_writes(engine):
+            engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+        dist.barrier()  # every rank's shards are on disk (synced) before the marker says so
         folder = self.dir / tag
         if self.rank == 0:
             meta = {
@@ -156,17 +191,33 @@ class Checkpointer:
     def universal_dir(self, folder: Path) -> Path:
         return self.dir / "universal" / folder.name
 
-    def needs_universal(self, world_size: int, force: bool = False) -> Path | None:
-        """The newest checkpoint's folder if it must be loaded through DeepSpeed's universal format:
-        its ZeRO-1/2/3 optimizer shards were written by another number of data-parallel ranks (or
-        ``force``). ZeRO-0 checkpoints hold whole tensors and load at any world size."""
+    def needs_universal(self, world_size: int, zero_stage: int, force: bool = False) -> Path | None:
+        """The newest checkpoint's folder if it must be loaded through DeepSpeed's universal format: its
+        ZeRO-1/2/3 optimizer shards were written by another number of data-parallel ranks, or under ZeRO-3
+        for a ZeRO-1/2 run or the other way round (their files differ), or ``force``. ZeRO-0 checkpoints
+        hold whole tensors and load at any world size, but only into a ZeRO-0 run (and a ZeRO-1/2/3
+        checkpoint only into a ZeRO-1/2/3 run): a clear error, before the model is built."""
         found = self.latest()
         if found is None:
             return None
         meta = read_marker(found[1])
-        if meta.get("zero_stage", 0) == 0 and not force:
+        saved = int(meta.get("zero_stage", 0))
+        if (saved == 0) != (zero_stage == 0):
+            from largemim.config import ConfigError
+
+            raise ConfigError(
+                f"checkpoint {found[1]} was saved with ZeRO-{saved} and this run's ds_config is ZeRO-{zero_stage}: "
+                f"a ZeRO-0 checkpoint holds the whole optimizer state, the others hold it in per-rank shards, and "
+                f"DeepSpeed cannot load one into the other. Resume with a ZeRO-{saved} ds_config "
+                f"(ds_configs/zero{saved}.json) and change the stage in a new run that starts from this one's "
+                f"weights (model.init_from=<its consolidated weights>, see tools/convert_checkpoint.py; the "
+                f"optimizer state starts afresh)"
+            )
+        if saved == 0 and not force:
             return None
-        return found[1] if force or meta.get("world_size") != world_size else None
+        if force or meta.get("world_size") != world_size or (saved >= 3) != (zero_stage >= 3):
+            return found[1]
+        return None
 
     def convert_to_universal(self, folder: Path) -> Path:
         """Convert ``folder`` once (rank 0; the others wait) and return the converted copy.
@@ -220,6 +271,12 @@ class Checkpointer:
             raise RuntimeError(
                 f"converting {folder} to the universal format failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
             )
+        _both_model_state_names(tmp)
+        _either_stage_global_state(tmp / "zero")
+        for root, _, names in os.walk(tmp):  # on disk before its marker (see _synced_writes)
+            for name in names:
+                fsync_path(Path(root, name))
+            fsync_path(Path(root))
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
         write_atomic(out / MARKER, json.dumps({**meta, "universal": True}))
@@ -261,6 +318,59 @@ class Checkpointer:
             restore_module_state(engine, folder)
         log.info("resumed from %s (step %d)%s", folder, step, " via its universal copy" if universal else "")
         return client
+
+
+def _both_model_state_names(folder: Path) -> None:
+    """A universal load takes the weights and optimizer state from ``zero/`` and only counters and the
+    client state from a model-states file, which DeepSpeed looks for under its own stage's name: ZeRO-3
+    ``zero_pp_rank_0_mp_rank_00_model_states.pt``, ZeRO-1/2 ``mp_rank_00_model_states.pt``. Both names are
+    given (a hard link, else a copy), so a checkpoint of either kind resumes under the other."""
+    zero12, zero3 = folder / "mp_rank_00_model_states.pt", folder / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    for have, want in ((zero12, zero3), (zero3, zero12)):
+        if have.is_file() and not want.exists():
+            try:
+                os.link(have, want)
+            except OSError:
+                shutil.copyfile(have, want)
+
+
+def _either_stage_global_state(zero: Path) -> None:
+    """Make a universal copy loadable under ZeRO-1/2 and ZeRO-3 alike. DeepSpeed 0.19.8's ZeRO-3 load
+    reads Adam's step and the group settings from ``zero/optimizer_state.pt``'s ``optimizer_state_dict``,
+    which only a ZeRO-3 source writes; its ZeRO-1/2 load reads the step from each parameter's ``step.pt``
+    (without it Adam would start counting again: a bias correction that multiplies the first update by
+    ~10), each tensor from a ``{"param": ...}`` (a ZeRO-3 source saves bare tensors) and wants a
+    ``ds_version``, all of which only a ZeRO-1/2 source writes. What one lacks is added from the
+    other. Settings the run configures are put back after the load (``reapply_optim_config``)."""
+    import deepspeed
+
+    from largemim.convert.safe_load import load_torch
+
+    path = zero / "optimizer_state.pt"
+    if not path.is_file():
+        return
+    # written just now by ds_to_universal from this run's own checkpoint
+    state = load_torch(path, trust_pickle=True)
+    params = [d for d in zero.iterdir() if d.is_dir()]
+    steps = sorted(zero.glob("*/step.pt"))
+    changed = False
+    if "optimizer_state_dict" not in state and steps and "param_groups" in state:
+        step = load_torch(steps[0], trust_pickle=True)
+        state["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": state["param_groups"]}
+        changed = True
+    if not steps and "optimizer_state_dict" in state:  # a ZeRO-3 source: bare tensors, no step.pt
+        step = state["optimizer_state_dict"]["state"][0]["step"]
+        for d in params:
+            for f in d.glob("*.pt"):
+                value = load_torch(f)
+                if torch.is_tensor(value):  # the ZeRO-1/2 load wants {"param": ..., "cat_dim": ...}
+                    torch.save({"param": value, "cat_dim": 0}, f)
+            torch.save(step, d / "step.pt")
+    if "ds_version" not in state:
+        state["ds_version"] = deepspeed.__version__
+        changed = True
+    if changed:
+        torch.save(state, path)
 
 
 def _unshare_step_counts(engine) -> None:

@@ -316,6 +316,18 @@ def make_plan(cfg: Config, world_size: int, num_samples: int) -> Plan:
     if cfg.run.seed < 0:
         raise ConfigError(f"run.seed={cfg.run.seed} must be >= 0 (numpy's seed sequences take no negative numbers)")
     check_objective(cfg)
+    c, lg = cfg.checkpoint, cfg.log
+    for name, value in (("checkpoint.every_steps", c.every_steps), ("log.every_steps", lg.every_steps)):
+        if value < 1:
+            raise ConfigError(f"{name}={value} must be >= 1 (a run always saves and logs at its last step)")
+    if c.keep_last < 1:
+        raise ConfigError(
+            f"checkpoint.keep_last={c.keep_last} must be >= 1: the checkpoints kept (each save then "
+            "deletes the older ones); to keep every one, set it above train steps / checkpoint.every_steps"
+        )
+    for name, value in (("log.image_every_steps", lg.image_every_steps), ("eval.every_steps", cfg.eval.every_steps)):
+        if value < 0:
+            raise ConfigError(f"{name}={value} must be >= 0 (0: off)")
     d = cfg.data
     if d.sampling not in ("resampled", "exact"):
         raise ConfigError(f"data.sampling={d.sampling!r} must be 'resampled' or 'exact'")

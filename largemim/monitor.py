@@ -17,11 +17,12 @@ from largemim.config import Config
 from largemim.data.augment import EvalTransform
 from largemim.distributed import broadcast_from_rank0
 from largemim.evaluation.represent import LabelledSet, check_encoder, load_labelled, pixel_baseline
-from largemim.files import write_atomic
+from largemim.files import replace_durably, write_atomic
 from largemim.visualize import reconstruction_grid
 
 log = logging.getLogger(__name__)
 BASELINES = "repr_baselines.json"
+PICTURE_BATCH = "picture_batch.pt"  # the reconstruction pictures' images when there is no held-out set
 
 
 def param_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -47,8 +48,25 @@ class Monitor:
         return self.train_set is not None
 
     def set_fixed_images(self, images: torch.Tensor) -> None:
-        if self.fixed_images is None:
-            self.fixed_images = images[:8].cpu()
+        """Without a held-out set, the pictures show the first 8 images of the run's first batch: kept in the
+        run folder (rank 0's), so a resumed run draws the same ones rather than its own first batch."""
+        if self.fixed_images is not None:
+            return
+        path = self.run_dir / PICTURE_BATCH
+        if path.is_file():
+            try:
+                kept = torch.load(path, map_location="cpu", weights_only=True)
+                if kept.shape[1:] == images.shape[1:]:
+                    self.fixed_images = kept.float()
+                    return
+                log.warning("%s holds images of another size: the pictures use this run's first batch", path)
+            except Exception as e:  # noqa: BLE001 - a torn or foreign file costs the same pictures only
+                log.warning("could not read %s (%s): the pictures use this run's first batch", path, e)
+        self.fixed_images = images[:8].cpu()
+        if self.rank == 0:
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(self.fixed_images.to(torch.float16), tmp)
+            replace_durably(tmp, path)
 
     @torch.no_grad()
     def _encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -86,9 +86,7 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             # Flushed every 15 s (not 120): a run that dies (a non-finite loss raises) keeps its last scalars.
-            self.writer = SummaryWriter(
-                str(Path(run_dir) / "tb"), purge_step=resume_step + 1 if resume_step else None, flush_secs=15
-            )
+            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step + 1, flush_secs=15)
         self._t0, self._step0 = time.time(), resume_step
 
     def restart_clock(self, step: int) -> None:

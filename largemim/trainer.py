@@ -19,7 +19,7 @@ from largemim.data.fast_decode import FastTrainAugment
 from largemim.data.sources import expand_shards, manifest_counts, sample_counts, split_sets
 from largemim.data.stream import StreamSpec, build_train_loader, check_exact_split
 from largemim.distributed import DistEnv
-from largemim.engine import build_engine, build_model, load_ds_json, reapply_optim_config
+from largemim.engine import build_engine, build_model, load_ds_json, reapply_optim_config, zero_stage
 from largemim.flops import peak_tflops, train_flops_per_image
 from largemim.health import TrainingDiverged, nonfinite_parameters
 from largemim.memory import choose_grad_ckpt
@@ -64,15 +64,25 @@ def _sum_across_ranks(value: int, device: torch.device) -> int:
     return _sums_across_ranks([value], device)[0]
 
 
-def _diverged(what: str, ckpt_dir: Path) -> TrainingDiverged:
+def divergence_advice(cfg: Config) -> str:
+    """What to change after a divergence, for this config: the learning rate that is in force (optim.lr
+    when set: base_lr is then unused), and only the other remedies not already in place."""
+    o, t = cfg.optim, cfg.train
+    fixes = [f"lower optim.lr (now {o.lr:g})" if o.lr else f"lower optim.base_lr (now {o.base_lr:g})"]
+    if not o.grad_clip:
+        fixes.append("set optim.grad_clip (e.g. 1.0)")
+    if t.precision == "fp16":
+        fixes.append("use train.precision=bf16")
+    if not t.check_grad_overflow:
+        fixes.append("set train.check_grad_overflow=true (DeepSpeed then skips a step whose gradients hold inf/NaN)")
+    return "; ".join(fixes)
+
+
+def _diverged(what: str, ckpt_dir: Path, advice: str = "lower the learning rate") -> TrainingDiverged:
     """The run stops: ``what`` went inf/NaN. Says which checkpoint a resume starts from and what to change."""
     good = complete_checkpoints(ckpt_dir)
     kept = f"a resume starts from {good[-1][1]}" if good else "there is no checkpoint to resume from"
-    return TrainingDiverged(
-        f"{what}; nothing was saved after it and {kept}. Lower optim.base_lr, set optim.grad_clip, or use "
-        "train.precision=bf16 (keep train.check_grad_overflow=true: DeepSpeed then skips a step whose "
-        "gradients hold inf/NaN)"
-    )
+    return TrainingDiverged(f"{what}; nothing was saved after it and {kept}. To go on: {advice}")
 
 
 def check_fit_to_save(
@@ -83,6 +93,7 @@ def check_fit_to_save(
     skipped: int,
     ckpt_dir: Path,
     device: torch.device,
+    advice: str = "lower the learning rate",
 ) -> int:
     """Raise TrainingDiverged (on every rank) if the loss summed over steps ``first``..``step`` or any weight
     is inf/NaN: a checkpoint of a diverged run would be the one every resume starts from. The loss is
@@ -92,13 +103,14 @@ def check_fit_to_save(
     bad_loss = loss_sum is not None and not bool(torch.isfinite(loss_sum))
     n_bad, n_bad_loss, total = _sums_across_ranks([len(bad), bad_loss, skipped], device)
     if n_bad_loss:
-        raise _diverged(f"the loss is inf/NaN in steps {first}-{step}", ckpt_dir)
+        raise _diverged(f"the loss is inf/NaN in steps {first}-{step}", ckpt_dir, advice)
     if n_bad:  # which tensors, over all ranks (replicated under ZeRO-0/1/2, partitioned under ZeRO-3)
         names: list[list[str]] = [[] for _ in range(dist.get_world_size())]
         dist.all_gather_object(names, bad)
         found = sorted({n for rank_names in names for n in rank_names})
         listed = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
-        raise _diverged(f"the weights hold inf/NaN after step {step} ({len(found)} tensor(s): {listed})", ckpt_dir)
+        what = f"the weights hold inf/NaN after step {step} ({len(found)} tensor(s): {listed})"
+        raise _diverged(what, ckpt_dir, advice)
     return total
 
 
@@ -181,8 +193,8 @@ def train(cfg: Config, env: DistEnv) -> dict:
     ckpt = Checkpointer(run_dir, cfg.checkpoint.keep_last, env.rank)
     universal = None
     ckpt.agree_on_latest()  # every rank resumes from rank 0's pick
-    to_convert = ckpt.needs_universal(env.world_size, force=cfg.checkpoint.load_universal)
-    if to_convert is not None:  # written at another world size: load through DeepSpeed's universal format
+    to_convert = ckpt.needs_universal(env.world_size, zero_stage(ds_json), force=cfg.checkpoint.load_universal)
+    if to_convert is not None:  # another world size or ZeRO-3 <-> 1/2: load through DeepSpeed's universal format
         universal = ckpt.convert_to_universal(to_convert)
         ds_json = {**ds_json, "checkpoint": {**ds_json.get("checkpoint", {}), "load_universal": True}}
     torch.manual_seed(cfg.run.seed)
@@ -219,6 +231,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
         if changed:
             log.warning("data settings changed since the checkpoint %s: the batch stream will differ", changed)
     ga = plan.grad_accum
+    advice = divergence_advice(cfg)
     # undecodable samples skipped by all ranks before this start (saved with each checkpoint)
     skipped_before = int(client.get("data", {}).get("skipped_samples", 0)) if client is not None else 0
 
@@ -248,7 +261,9 @@ def train(cfg: Config, env: DistEnv) -> dict:
     def save(step: int) -> None:
         first = step - window + 1  # the steps summed since the last log line
         loss_sum = sums.get("loss")
-        total = skipped_before + check_fit_to_save(engine.module, loss_sum, first, step, skipped, ckpt.dir, env.device)
+        total = skipped_before + check_fit_to_save(
+            engine.module, loss_sum, first, step, skipped, ckpt.dir, env.device, advice
+        )
         state = {
             "step": step, "data": {**data_state, "position": step * ga, "skipped_samples": total},
             "config": asdict(cfg),
@@ -311,7 +326,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
             window = 0
             loss = means.pop("loss")
             if not np.isfinite(loss):
-                raise _diverged(f"the loss is {loss} at step {step}", ckpt.dir)
+                raise _diverged(f"the loss is {loss} at step {step}", ckpt.dir, advice)
             scalars = {"loss": loss, "lr": engine.get_lr()[0], **means}
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:

@@ -7,6 +7,7 @@ into ``OUT/zeroN`` (``OUT/zeroN_bf16`` for a 16-bit run), then
 gather the engine's own parameters (``GatheredParameters`` under ZeRO-3) and write them to
 ``engine_params.safetensors`` in the run folder: the reference a consolidated checkpoint must equal
 (exactly in fp32; after rounding to 16 bits in a 16-bit run, whose engine holds 16-bit weights).
+Every path a rank fsyncs is listed in ``OUT/fsynced_rankN.txt``.
 
     torchrun --nproc_per_node 2 tests/ds_checkpoint_helper.py OUT --runs 0 1 2 3 0:bf16 [--set key=value ...]
 """
@@ -32,6 +33,16 @@ from largemim.distributed import init_distributed, teardown  # noqa: E402
 from largemim.engine import build_engine, build_model, load_ds_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+_FSYNCED: list[str] = []  # every path this rank fsynced (written to OUT/fsynced_rankN.txt for the tests)
+_real_fsync = os.fsync
+
+
+def _recorded_fsync(fd: int) -> None:
+    _FSYNCED.append(os.readlink(f"/proc/self/fd/{fd}"))
+    _real_fsync(fd)
+
+
+os.fsync = _recorded_fsync  # observed, not replaced: the real fsync still runs
 
 
 def gathered_params(engine) -> dict[str, torch.Tensor]:
@@ -96,6 +107,7 @@ def main() -> None:
     env = init_distributed()
     for run in args.runs:
         run_stage(Path(args.out), run, args.steps, args.overrides, env.world_size, env.rank)
+    (Path(args.out) / f"fsynced_rank{env.rank}.txt").write_text("\n".join(_FSYNCED) + "\n")
     sys.stdout.flush()
     teardown(0)
 

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from largemim.config import ConfigError, load_config, make_plan, save_resolved
@@ -69,6 +71,31 @@ def test_derived_checks_name_the_fix():
         make_plan(_cfg(), 4, 100)
     with pytest.raises(ConfigError, match=r"run.seed=-1 must be >= 0"):
         make_plan(_cfg("run.seed=-1"), 1, 10_000)
+
+
+def test_intervals_and_keep_last_are_checked_before_the_run():
+    """Review finding: checkpoint.every_steps=0 died after step 1 with a bare ZeroDivisionError, and
+    keep_last=0 silently kept one checkpoint."""
+    for bad, said in (
+        ("checkpoint.every_steps=0", "checkpoint.every_steps=0 must be >= 1"),
+        ("log.every_steps=-5", "log.every_steps=-5 must be >= 1"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last=0 must be >= 1"),
+        ("log.image_every_steps=-1", "log.image_every_steps=-1 must be >= 0"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            make_plan(_cfg(bad), 1, 10_000)
+    make_plan(_cfg("log.image_every_steps=0", "eval.every_steps=0", "checkpoint.keep_last=1"), 1, 10_000)
+
+
+def test_divergence_advice_names_the_setting_in_force():
+    """optim.lr, when set, is the learning rate in force (base_lr is then unused); remedies already in
+    place are not suggested."""
+    from largemim.trainer import divergence_advice
+
+    said = divergence_advice(_cfg("optim.lr=3e-4", "optim.grad_clip=1.0", "train.precision=bf16"))
+    assert said == "lower optim.lr (now 0.0003)", said
+    said = divergence_advice(_cfg("train.precision=fp16"))
+    assert "optim.base_lr (now 0.00015)" in said and "optim.grad_clip" in said and "precision=bf16" in said
 
 
 def test_grad_accum_is_derived_from_global_batch():

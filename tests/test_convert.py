@@ -272,6 +272,22 @@ def runs(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
+def test_every_checkpoint_file_is_synced_before_it_counts(runs):
+    """Each rank fsyncs the files its engine wrote, and the folder, before the COMPLETE marker is written: a
+    power cut after the marker (and the pruning of older checkpoints) must not leave torn shards behind it.
+    DeepSpeed's own save is a bare torch.save."""
+    synced = {line for f in runs.glob("fsynced_rank*.txt") for line in f.read_text().split()}
+    for run in RUNS:
+        stage, _, precision = run.partition(":")
+        folder = runs / (f"zero{stage}" if not precision else f"zero{stage}_{precision}") / "checkpoints/step_00000002"
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        assert len(files) >= 2 and (folder / "COMPLETE") in files, files
+        # the marker is synced as COMPLETE.tmp, then renamed (write_atomic)
+        unsynced = [p.name for p in files if not {str(p.resolve()), f"{p.resolve()}.tmp"} & synced]
+        assert not unsynced and str(folder.resolve()) in synced, (run, unsynced)
+
+
 def _engine_dtypes(run: Path) -> dict[str, str]:
     with safe_open(str(run / "engine_params.safetensors"), "pt") as f:
         return json.loads(f.metadata()["dtypes"])

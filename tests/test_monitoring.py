@@ -49,3 +49,42 @@ def test_a_torn_metrics_line_does_not_stop_the_resume(tmp_path):
     log.close()
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def _tb_steps(folder, tag: str = "train/loss") -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_a_restart_from_step_0_leaves_one_curve_in_tensorboard(tmp_path):
+    """Review finding: a run that died before its first checkpoint and started again from step 0 kept the
+    first attempt's scalars beside the new ones (TensorBoard drew a zig-zag): purge from step 1 too."""
+    first = RunLog(tmp_path, rank=0, total_steps=10, tensorboard=True, resume_step=0)
+    for s in range(1, 6):
+        first.step(s, {"loss": 1.0 / s, "lr": 1e-3}, images_per_step=8)
+    first.close()
+    again = RunLog(tmp_path, rank=0, total_steps=10, tensorboard=True, resume_step=0)
+    for s in range(1, 4):
+        again.step(s, {"loss": 2.0 / s, "lr": 1e-3}, images_per_step=8)
+    again.close()
+    assert _tb_steps(tmp_path / "tb") == [1, 2, 3]
+
+
+def test_the_pictures_show_the_same_images_after_a_resume(tmp_path):
+    """Review finding: without a held-out set the pictures showed each start's first batch, so a resumed
+    run's reconstructions could not be compared with the earlier ones. The first run's are kept."""
+    from largemim.config import load_config
+    from largemim.monitor import Monitor
+
+    cfg = load_config(None, ["data.shards=/x/train-{0..9}.tar", "model.img_size=32", "model.patch_size=8"])
+    first_batch, resumed_batch = torch.randn(16, 3, 32, 32), torch.randn(16, 3, 32, 32)
+    Monitor(cfg, None, tmp_path, torch.device("cpu"), rank=0).set_fixed_images(first_batch)
+    resumed = Monitor(cfg, None, tmp_path, torch.device("cpu"), rank=0)
+    resumed.set_fixed_images(resumed_batch)
+    torch.testing.assert_close(resumed.fixed_images, first_batch[:8], atol=2e-3, rtol=1e-3)  # kept as fp16
+    other_size = Monitor(cfg, None, tmp_path, torch.device("cpu"), rank=0)
+    other_size.set_fixed_images(torch.randn(4, 3, 48, 48))  # another img_size: this run's own images
+    assert other_size.fixed_images.shape == (4, 3, 48, 48)

@@ -309,6 +309,44 @@ def test_resume_at_another_world_size_through_universal_checkpoint(tmp_path, sha
                 assert resumed[step]["loss"] == pytest.approx(full[step]["loss"], rel=0.15), step
 
 
+def test_resume_under_another_zero_stage(tmp_path, shard_set):
+    """Review finding: a ZeRO-2 checkpoint resumed with a ZeRO-3 ds_config (to fit memory) got "DeepSpeed
+    returned nothing", and ZeRO-0 <-> ZeRO-1/2/3 a DeepSpeed traceback (FileNotFoundError, AttributeError).
+    Now ZeRO-1/2 -> 3 goes through the universal format (the same trajectory), and ZeRO-0 <-> the others is
+    a config error (exit 2) that names both stages and what to do."""
+    common = [
+        "train.precision=fp32", "train.steps=8", "checkpoint.every_steps=4", "checkpoint.keep_last=5",
+        "train.global_batch=32", "train.micro_batch=16",
+    ]  # fmt: skip
+    straight = tmp_path / "straight"
+    run_trainer(straight, shard_set, [*common, "ds_config=ds_configs/zero2.json"])
+    full = read_metrics(straight)
+    run = tmp_path / "zero3"
+    shutil.copytree(straight, run)
+    shutil.rmtree(run / "checkpoints/step_00000008")  # as if stopped after step 4
+    proc = run_trainer(run, shard_set, [*common, "ds_config=ds_configs/zero3.json"])
+    out = proc.stdout + proc.stderr
+    assert "written by 2 ranks with ZeRO-2; converting it to DeepSpeed's universal format" in out, out[-3000:]
+    resumed = read_metrics(run)
+    for step in range(5, 9):  # same ranks, same data: the same state, ZeRO-3 sums in another order
+        assert resumed[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-4), step
+    # and back: the ZeRO-3 checkpoint of step 8 goes on under ZeRO-2 as under ZeRO-3
+    longer = [*common, "train.steps=12"]
+    for stage in (3, 2):
+        shutil.copytree(run, tmp_path / f"on{stage}", ignore=shutil.ignore_patterns("universal"))
+        run_trainer(tmp_path / f"on{stage}", shard_set, [*longer, f"ds_config=ds_configs/zero{stage}.json"])
+    on3, on2 = read_metrics(tmp_path / "on3"), read_metrics(tmp_path / "on2")
+    for step in range(9, 13):
+        assert on2[step]["loss"] == pytest.approx(on3[step]["loss"], rel=1e-4), step
+    overrides = [*TINY, f"data.shards={shard_set}", f"run.dir={run}", *common, "ds_config=ds_configs/zero0.json"]
+    cmd = trainer_cmd(2, overrides)
+    proc = subprocess.run(cmd, cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "largemim/trainer.py" not in proc.stderr, proc.stderr[-3000:]  # no traceback
+    assert "exitcode  : 2" in proc.stderr  # a config error, on each rank
+    assert "was saved with ZeRO-3 and this run's ds_config is ZeRO-0" in proc.stderr, proc.stderr[-3000:]
+    assert "ds_configs/zero3.json" in proc.stderr
+
+
 def test_data2vec_zero3_resumes_at_another_world_size(tmp_path, shard_set):
     """ZeRO-3 data2vec saved by 2 ranks, resumed by 1 through the universal format: the teacher's fp32 EMA
     master, saved as each rank's slices, is put back together for the one rank, and training goes on."""
