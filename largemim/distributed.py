@@ -39,6 +39,21 @@ def cuda_wanted() -> bool:
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "").lower() != "cpu"
 
 
+def check_gpus_usable() -> None:
+    """A Slurm job given GPUs whose CUDA cannot see them (a driver or container problem) would otherwise
+    train on the CPU with gloo without a word; ``DS_ACCELERATOR=cpu`` asks for the CPU on purpose."""
+    given = next((os.environ[k] for k in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE")
+                  if os.environ.get(k, "").strip() not in ("", "0")), None)  # fmt: skip
+    if given is None or torch.cuda.is_available() or os.environ.get("DS_ACCELERATOR", "").lower() == "cpu":
+        return
+    why = "torch was built without CUDA" if torch.version.cuda is None else "CUDA sees no device"
+    raise RuntimeError(
+        f"this Slurm job has GPUs ({given}) but {why} on {socket.gethostname()} (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}): check nvidia-smi and the container's GPU access on that node, "
+        "or set DS_ACCELERATOR=cpu to train on the CPU on purpose"
+    )
+
+
 def init_distributed() -> DistEnv:
     """Join the process group described by the launcher's variables (RANK, WORLD_SIZE, MASTER_ADDR, ...).
 
@@ -50,6 +65,7 @@ def init_distributed() -> DistEnv:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    check_gpus_usable()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available() and not cuda_wanted() and local_rank == 0:
         log.warning(

@@ -4,7 +4,7 @@
 # The protocol, for a batch script submitted with  #SBATCH --signal=B:$STOP_SIGNAL@SECONDS  --requeue:
 #  1. Slurm sends STOP_SIGNAL to this batch shell only (B:), SECONDS before the time limit (or an admin /
 #     preemption script sends it with  scancel --batch --signal=USR1 JOBID).
-#  2. The trap forwards it with  scancel --signal=$STOP_SIGNAL $SLURM_JOB_ID : every process of the job's
+#  2. The trap forwards it with  scancel --signal=$STOP_SIGNAL JOB (lm_job) : every process of the job's
 #     steps gets it (srun's tasks and all their children), not this shell. The per-node launcher
 #     (torchrun, deepspeed) was started with the signal ignored, so it keeps running; the ranks have
 #     their own handler (checkpoint.stop_signals), agree on a step, save it and exit 0; the launcher then
@@ -25,11 +25,22 @@ lm_log() {
     echo "[largemim $(date +%H:%M:%S) job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}] $*"
 }
 
+# The id that names this job alone: an array task's own ARRAYID_TASKID. For one task of an array, its
+# SLURM_JOB_ID is the array's id, and scancel/scontrol given that would signal or requeue every task.
+lm_job() {
+    if [[ -n ${SLURM_ARRAY_JOB_ID:-} && -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+        echo "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+    else
+        echo "$SLURM_JOB_ID"
+    fi
+}
+
 # MASTER_ADDR: the first host of the allocation. MASTER_PORT: from the job id, so a requeued job (same id)
-# uses the same one, and two jobs sharing a node do not collide.
+# uses the same one, and two jobs sharing a node do not collide; 10000-29999, below Linux's ephemeral
+# ports (32768-60999), which outgoing connections may already hold.
 lm_rendezvous() {
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-    MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+    MASTER_PORT=${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}
     export MASTER_ADDR MASTER_PORT
 }
 
@@ -48,11 +59,11 @@ LM_RESENDER=""
 _lm_forward() {
     LM_SIGNALLED=1
     lm_log "got SIG$STOP_SIGNAL: forwarding it to the ranks (they save after the current step and stop)"
-    scancel --signal="$STOP_SIGNAL" "$SLURM_JOB_ID"
+    scancel --signal="$STOP_SIGNAL" "$(lm_job)"
     # A rank still starting up has no handler yet and ignores the signal (it inherits the launcher's
     # "ignore"): say it again every 30 s until the step ends.
     if [[ -z $LM_RESENDER ]]; then
-        (while sleep 30; do scancel --signal="$STOP_SIGNAL" "$SLURM_JOB_ID" 2>/dev/null; done) &
+        (while sleep 30; do scancel --signal="$STOP_SIGNAL" "$(lm_job)" 2>/dev/null; done) &
         LM_RESENDER=$!
     fi
 }
@@ -79,6 +90,12 @@ lm_srun() {
     if [[ ${DS_ACCELERATOR:-} == cpu && -n ${SLURM_GPUS_ON_NODE:-}${SLURM_JOB_GPUS:-}${SLURM_GPUS_PER_NODE:-} ]]; then
         lm_log "unsetting DS_ACCELERATOR=cpu (from the submitting shell): this job has GPUs"
         unset DS_ACCELERATOR
+    fi
+    # sbatch hands on the submitting shell's TMPDIR, often a login node's per-session folder that compute
+    # nodes lack: the end file (below) and the deepspeed template's hostfile would not be written.
+    if [[ ! -d ${TMPDIR:-/tmp} || ! -w ${TMPDIR:-/tmp} ]]; then
+        lm_log "TMPDIR=${TMPDIR} is not a writable folder here: using /tmp"
+        export TMPDIR=/tmp
     fi
     # How the ranks' run ended, from local rank 0 of this node (largemim.launch.slurm_env.report_end).
     export LARGEMIM_END_FILE="${TMPDIR:-/tmp}/largemim-end-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
@@ -175,7 +192,7 @@ lm_finish() {
     else
         lm_log "requeueing (requeue $((restarts + 1)) of at most $MAX_REQUEUES); the run resumes from its newest complete checkpoint"
     fi
-    if ! scontrol requeue "$SLURM_JOB_ID"; then
+    if ! scontrol requeue "$(lm_job)"; then
         if [[ $(lm_get "$(lm_show job "$SLURM_JOB_ID")" Restarts) -gt $restarts ]]; then
             lm_log "Slurm requeued the job itself"
             exit 0

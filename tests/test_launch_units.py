@@ -267,6 +267,26 @@ def test_ds_accelerator_cpu_keeps_a_gpu_machine_on_the_cpu(monkeypatch):
     assert cuda_wanted()
 
 
+def test_a_gpu_job_whose_cuda_sees_no_gpu_is_an_error(monkeypatch):
+    """Review finding: a Slurm job given GPUs whose CUDA cannot see them (driver, container) trained on the
+    CPU with gloo without a word. DS_ACCELERATOR=cpu still asks for the CPU on purpose."""
+    import torch
+
+    from largemim.distributed import check_gpus_usable
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for key in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE", "DS_ACCELERATOR"):
+        monkeypatch.delenv(key, raising=False)
+    check_gpus_usable()  # no GPUs asked for: the CPU it is
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "0")
+    check_gpus_usable()
+    monkeypatch.setenv("SLURM_JOB_GPUS", "4,5")
+    with pytest.raises(RuntimeError, match=r"this Slurm job has GPUs \(4,5\) but .* set DS_ACCELERATOR=cpu"):
+        check_gpus_usable()
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    check_gpus_usable()
+
+
 # ------------------------------------------------------------------------------------------ slurm/job_lib.sh
 PREEMPTED = "2026-11-27T03:40:03"  # scontrol's PreemptTime while a preempted job is in its grace time
 
@@ -335,6 +355,28 @@ def test_batch_script_requeue_decision(
     assert said in proc.stdout
     assert not end_file.exists()  # read once: a later run of the same job starts without it
     assert proc.returncode == code, proc.stdout
+
+
+def test_an_array_task_signals_and_requeues_itself_only(fake_bin, tmp_path):
+    """Review finding: for the array task whose SLURM_JOB_ID is the array's id, `scancel --signal` and
+    `scontrol requeue` of that id reached every task of the array. ARRAYID_TASKID names the task alone."""
+    calls = tmp_path / "calls"
+    stand_in(fake_bin, "scontrol", SCONTROL_JOB)
+    stand_in(fake_bin, "scancel", 'echo "scancel $*" >>"$CALLS"\n')
+    end_file = tmp_path / "ended"
+    end_file.write_text("stopped 37\n")
+    script = (
+        f"source {REPO / 'slurm/job_lib.sh'}; STOP_SIGNAL=USR1; MAX_REQUEUES=3; LARGEMIM_END_FILE={end_file}; "
+        "_lm_forward; kill $LM_RESENDER; LM_TERMINATED=; LM_STATUS=0; lm_finish"
+    )
+    env = dict(
+        os.environ, SLURM_JOB_ID="5", SLURM_ARRAY_JOB_ID="5", SLURM_ARRAY_TASK_ID="3", SLURM_RESTART_COUNT="0",
+        SLURM_JOB_PARTITION="debug", CALLS=str(calls), STATE="RUNNING", RESTARTS="0", PREEMPT="None", MODE="REQUEUE",
+    )  # fmt: skip
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    made = [c for c in calls.read_text().splitlines() if c.startswith(("scancel", "requeue"))]
+    assert made == ["scancel --signal=USR1 5_3", "requeue 5_3"], (made, proc.stdout, proc.stderr)
+    assert proc.returncode == 0, proc.stdout
 
 
 @pytest.mark.parametrize(

@@ -277,7 +277,8 @@ def test_time_limit_requeues_and_matches_uninterrupted_run(time_limit_job, refer
 @on_cluster
 def test_requeue_cap_and_cancel(slurm_cluster, shards, tmp_path):
     """--max-requeues 0: the signal saves and ends the job (no requeue); the same command continues the
-    run; largemim-submit --cancel saves the step it is at and ends the job for good."""
+    run (and is refused while that job runs); largemim-submit --cancel saves the step it is at and ends the
+    job for good."""
     import submitit
 
     from largemim.launch.submit import main
@@ -295,6 +296,10 @@ def test_requeue_cap_and_cancel(slurm_cluster, shards, tmp_path):
 
     second = submit(args)  # the same command: resumes from the saved step
     wait_for_steps(run, stopped["step"] + 20, 240, run / "slurm")
+    from largemim.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"already has a live job: {second} \(RUNNING\)"):
+        submit(args)  # a second job on the same run folder, while the first runs: refused
     assert main(["--cancel", str(run)]) == 0
     assert wait_until_ended(second, 240, run / "slurm") == "CANCELLED"
     events = chain_events(run)

@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="send --signal this long before the time limit: must cover one step plus one save",
     )  # fmt: skip
     ap.add_argument("--wait", action="store_true", help="after submitting, wait until the job chain ends")
+    ap.add_argument(
+        "--force", action="store_true", help="submit even though a job for the same run.dir is queued or running"
+    )
     args = ap.parse_intermixed_args(argv)
     modes = [bool(args.status), bool(args.cancel), bool(args.config)]
     if sum(modes) != 1:
@@ -226,6 +229,14 @@ def submit(argv: list[str] | None = None):
 
     args = parse_args(argv)
     prep = prepare(args)
+    live = live_jobs(prep.run_dir)
+    if live and not args.force:
+        listed = ", ".join(f"{j} ({state})" for j, state in live.items())
+        raise ConfigError(
+            f"{prep.run_dir} already has a live job: {listed}. Two jobs would write the same checkpoints and "
+            f"logs; wait for it (it resumes by itself), cancel it (largemim-submit --cancel {prep.run_dir}), or "
+            "pass --force if Slurm's state is stale"
+        )
     executor = make_executor(prep, args.max_requeues)
     job = executor.submit(TrainJob(prep.cfg, f"SIG{prep.signal}", args.max_requeues))
     chain.record(
@@ -239,11 +250,16 @@ def submit(argv: list[str] | None = None):
 LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "SUSPENDED", "RESIZING"}
 
 
-def cancel(run_dir: Path) -> int:
-    events = chain.read(run_dir / "slurm")
+def live_jobs(run_dir: Path) -> dict[str, str]:
+    """{job id: state} of the jobs submitted for ``run_dir`` that Slurm still queues or runs."""
+    events = chain.read(Path(run_dir) / "slurm")
     ids = list(dict.fromkeys(str(e["job_id"]) for e in events if e.get("event") == "submitted"))
-    states = chain.slurm_states(ids)
-    live = [j for j in ids if states.get(j, {}).get("State") in LIVE_STATES]
+    states = chain.slurm_states(ids) if ids else {}
+    return {j: states[j]["State"] for j in ids if states.get(j, {}).get("State") in LIVE_STATES}
+
+
+def cancel(run_dir: Path) -> int:
+    live = list(live_jobs(run_dir))
     if not live:
         print(f"{run_dir}: no queued or running job")
         return 0
