@@ -26,6 +26,12 @@ def test_prints_the_checks_beside_the_logged_loss(tmp_path):
         [sys.executable, str(REPO / "tools/learning_curve.py"), str(tmp_path), "--also", "masked_acc"],
         capture_output=True, text=True, check=True,
     ).stdout.splitlines()  # fmt: skip
+    # the folder after --also (its help's own example order) was taken as a column name: "run_dir required"
+    flipped = subprocess.run(
+        [sys.executable, str(REPO / "tools/learning_curve.py"), "--also", "masked_acc", str(tmp_path)],
+        capture_output=True, text=True, check=True, cwd="/",
+    ).stdout.splitlines()  # fmt: skip
+    assert flipped == out
     assert out[0] == "| step | loss | masked_acc | kNN | linear probe |"
     assert out[2] == "| 0 (random init) | – | – | 0.500 | 0.600 |"
     assert out[3:6] == [

@@ -88,3 +88,21 @@ def test_the_pictures_show_the_same_images_after_a_resume(tmp_path):
     other_size = Monitor(cfg, None, tmp_path, torch.device("cpu"), rank=0)
     other_size.set_fixed_images(torch.randn(4, 3, 48, 48))  # another img_size: this run's own images
     assert other_size.fixed_images.shape == (4, 3, 48, 48)
+
+
+def test_a_corrupt_eval_image_is_skipped_and_counted_not_a_crash(tmp_path, caplog):
+    """Review finding: one undecodable image in the eval shards stopped every rank at start-up with a bare
+    PIL error naming neither shard nor sample."""
+    from conftest import demo_samples, write_shards
+
+    from largemim.data.augment import EvalTransform
+    from largemim.evaluation.represent import load_labelled
+
+    samples = demo_samples("test", 12)
+    samples[3] = {**samples[3], "png": b"not an image"}
+    pattern = write_shards(tmp_path / "eval", samples, [6, 6])
+    with caplog.at_level("WARNING"):
+        got = load_labelled(pattern, 100, EvalTransform(28, (0.5,) * 3, (0.5,) * 3))
+    assert len(got.labels) == 11
+    assert got.images.dtype == torch.float16  # half the host memory on every rank (3 GB less at 224 px)
+    assert "skipped 1 unreadable sample(s)" in caplog.text and f"sample {samples[3]['__key__']!r}" in caplog.text

@@ -5,6 +5,7 @@ objective overfitting a fixed batch. The DeepSpeed runs are in test_objectives_e
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -279,6 +280,10 @@ def test_tokenizer_file_round_trip(tmp_path):
     meta = read_tokenizer_meta(path)
     assert (meta.vocab_size, meta.grid_size, meta.image_size, meta.mean) == (32, 4, 16, MEAN)
     assert Path(str(path) + ".json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    # readable by the others a BEiT stage-2 run may run as (safetensors creates its files 0600)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     loaded, _ = load_tokenizer(path)
     torch.manual_seed(0)
     original = DVAE(16, 4, 3, 32, hidden=8)

@@ -6,10 +6,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/setup_env.sh
 RUN_DIR="${RUN_DIR:-runs/demo}"
-if [ -d "$RUN_DIR/checkpoints" ] && [ -z "${RESUME:-}" ]; then
-  echo "[demo] $RUN_DIR already holds a run: starting a new one (set RESUME=1 to continue it instead)"
+for arg in "$@"; do
+  case "$arg" in
+    run.dir=*) echo "[demo] error: set the run folder with RUN_DIR=... (not $arg)" >&2; exit 2 ;;
+  esac
+done
+case "${RESUME:-0}" in 1 | true | yes) resume=1 ;; *) resume="" ;; esac
+if [ -d "$RUN_DIR/checkpoints" ] && [ -z "$resume" ]; then
+  # only a folder this script made (or its default one) is ever deleted
+  if [ ! -e "$RUN_DIR/.made_by_demo" ] && [ "$RUN_DIR" != runs/demo ]; then
+    echo "[demo] error: $RUN_DIR holds a run this demo did not make: set RESUME=1 to continue it, or pick another RUN_DIR" >&2
+    exit 2
+  fi
+  echo "[demo] $RUN_DIR already holds a demo run: starting a new one (set RESUME=1 to continue it instead)"
   rm -rf "$RUN_DIR"
 fi
+if [ ! -e "$RUN_DIR" ]; then mkdir -p "$RUN_DIR" && touch "$RUN_DIR/.made_by_demo"; fi
 torchrun --nproc_per_node 2 --master_port "${MASTER_PORT:-29511}" -m largemim.train \
   --config largemim/recipes/mae_tiny_cpu.yaml run.dir="$RUN_DIR" ds_config=ds_configs/zero2.json "$@"
 echo

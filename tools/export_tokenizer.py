@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trust-pickle", action="store_true", help="allow checkpoint files that need a full unpickle")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    path = export_tokenizer(args.src, args.out, args.trust_pickle)
+    try:
+        path = export_tokenizer(args.src, args.out, args.trust_pickle)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"export_tokenizer: error: {e}", file=sys.stderr)
+        return 2
     print(path)
     return 0
 

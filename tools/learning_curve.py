@@ -19,7 +19,8 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from largemim.run_log import jsonl_records
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without pip install -e
+from largemim.run_log import jsonl_records  # noqa: E402
 
 
 def logged_checks(path: Path) -> dict[int, dict[str, float]]:
@@ -47,9 +48,16 @@ def repr_checks(tb_dir: Path) -> dict[int, dict[str, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dir", type=Path)
-    ap.add_argument("--also", nargs="*", default=[], help="more logged scalars to show, e.g. masked_acc")
+    ap.add_argument("run_dir", type=Path, nargs="?")
+    ap.add_argument(
+        "--also", action="extend", nargs="+", default=[], metavar="NAME",
+        help="more logged scalars to show, e.g. masked_acc (before or after RUN_DIR)",
+    )  # fmt: skip
     args = ap.parse_args()
+    if args.run_dir is None and args.also and Path(args.also[-1]).is_dir():
+        args.run_dir = Path(args.also.pop())  # "--also a b RUN_DIR": --also took the folder too
+    if args.run_dir is None:
+        ap.error("give the run folder (RUN_DIR)")
     run = args.run_dir
     if not (run / "metrics.jsonl").is_file():
         sys.exit(f"{run} has no metrics.jsonl: is it a run folder (run.dir of a training)?")

@@ -58,6 +58,12 @@ def main() -> None:
     args = ap.parse_args()
     if not (SRC / "train-images-idx3-ubyte.gz").is_file():
         sys.exit(f"{SRC} has no Fashion-MNIST files: run 'apt-get install dataset-fashion-mnist' first")
+    for split in ("train", "test"):  # only a folder of this tool's own files is replaced
+        folder = args.out / split
+        names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+        foreign = sorted(n for n in names if not n.startswith((split, "manifest")))
+        if foreign:
+            sys.exit(f"{folder} holds files this tool did not write ({', '.join(foreign[:3])}): give another --out")
     for split in ("train", "test"):
         folder = args.out / split
         shutil.rmtree(folder, ignore_errors=True)

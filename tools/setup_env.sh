@@ -43,16 +43,22 @@ _lm_install() (
          "and its file system has $((free_kb / 1024)) MiB free. Free some space, or point LARGEMIM_VENV at a larger disk."
     exit 1
   fi
-  echo "[setup] installing requirements (torch comes from this machine's disk: about 2 minutes the first time)"
   py="$VENV/bin/python"
   log="$VENV/install.log"
+  echo "[setup] installing requirements into $VENV (torch is the big one: about 2 minutes from a local wheel" \
+       "cache, longer to download); pip's log: $log"
+  # a line every 30 s with pip's latest, so a long download does not look like a hang
+  (while sleep 30; do echo "[setup] still installing: $(tail -n 1 "$log" 2>/dev/null | cut -c 1-100)"; done) &
+  heartbeat=$!
   if ! { "$py" -m pip install -q --upgrade pip &&
-         "$py" -m pip install -q --no-cache-dir -r "$REPO/requirements.txt" &&
+         "$py" -m pip install --progress-bar off --no-cache-dir -r "$REPO/requirements.txt" &&
          "$py" -m pip install -q --no-deps -e "$REPO"; } >"$log" 2>&1; then
+    kill "$heartbeat" 2>/dev/null || true
     tail -n 30 "$log"
     echo "[setup] install failed; the whole log is in $log"
     exit 1
   fi
+  kill "$heartbeat" 2>/dev/null || true
   "$py" -c "import torch, deepspeed, timm, webdataset, submitit, omegaconf" || { echo "[setup] install failed"; exit 1; }
   touch "$stamp"
 )
