@@ -309,7 +309,15 @@ def measure(phases, args, device, label: str) -> tuple[float, float, dict]:
             result = fn()
         return result
 
-    seconds, loss = time_steps(step, args.warmup, args.steps, device)
+    # Python's garbage collector off while timing, for both implementations alike: DeepSpeed turns it off
+    # for as long as an engine exists, so the HF loop would otherwise be timed with it on
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        seconds, loss = time_steps(step, args.warmup, args.steps, device)
+    finally:
+        if enabled:
+            gc.enable()
     profile_steps(step, args, device, label)
     ops = count_ops(phases, args, device, label)
     return seconds, loss, ({"ops_per_step": ops} if ops else {})
