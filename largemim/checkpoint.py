@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -282,6 +283,11 @@ class Checkpointer:
         write_atomic(out / MARKER, json.dumps({**meta, "universal": True}))
         log.info("converted to %s in %.1fs", out, time.time() - t0)
 
+    def _unloadable(self, folder: Path, error: Exception) -> RuntimeError:
+        """The error for a checkpoint DeepSpeed cannot read: names it, and how to fall back to the one before."""
+        older = [f for _, f in complete_checkpoints(self.dir) if f.name < folder.name]
+        return RuntimeError(_unloadable_message(folder, error, older[-1] if older else None))
+
     def load_latest(self, engine, universal: Path | None = None) -> dict | None:
         """Load the newest complete checkpoint into ``engine`` (through its universal copy if given);
         its client state, or None if there is none."""
@@ -303,13 +309,15 @@ class Checkpointer:
             )
         except ValueError as e:
             if "number of parameter groups" not in str(e) or universal is not None:
-                raise
+                raise self._unloadable(folder, e) from e
             # ZeRO-3 checkpoints written before largemim put the matrices in a weight-decay group (all of
             # their parameters were in one group): the universal format maps the state by parameter name.
             raise RuntimeError(
                 f"checkpoint {folder} has another number of optimizer parameter groups than this run ({e}); "
                 "resume with checkpoint.load_universal=true, which loads it parameter by parameter"
             ) from None
+        except (OSError, RuntimeError, EOFError, KeyError, AssertionError, pickle.UnpicklingError) as e:
+            raise self._unloadable(folder, e) from e
         if client is None:
             raise RuntimeError(f"checkpoint {source} could not be loaded (DeepSpeed returned nothing); see the log")
         client.setdefault("step", step)
@@ -318,6 +326,18 @@ class Checkpointer:
             restore_module_state(engine, folder)
         log.info("resumed from %s (step %d)%s", folder, step, " via its universal copy" if universal else "")
         return client
+
+
+def _unloadable_message(folder: Path, error: Exception, previous: Path | None) -> str:
+    fallback = (
+        f"remove {folder / MARKER} and the run resumes from the previous complete checkpoint, {previous}"
+        if previous is not None
+        else "there is no older complete checkpoint to fall back to"
+    )
+    return (
+        f"could not load checkpoint {folder} ({type(error).__name__}: {str(error)[:300]}). If its files are "
+        f"damaged (a disk or quota problem while saving, a file removed by hand), {fallback}"
+    )
 
 
 def _both_model_state_names(folder: Path) -> None:

@@ -347,6 +347,28 @@ def test_resume_under_another_zero_stage(tmp_path, shard_set):
     assert "ds_configs/zero3.json" in proc.stderr
 
 
+def test_a_damaged_newest_checkpoint_names_the_way_back(tmp_path, shard_set):
+    """A newest checkpoint whose files cannot be read (a disk or quota problem, a file removed) stopped the
+    resume with DeepSpeed's unpickling traceback. Now one line names it and the fallback: remove its
+    COMPLETE and the run resumes from the checkpoint before."""
+    common = ["ds_config=ds_configs/zero2.json", "train.precision=fp32", "checkpoint.every_steps=2",
+              "checkpoint.keep_last=2", "train.global_batch=32", "train.micro_batch=16"]  # fmt: skip
+    run = tmp_path / "run"
+    run_trainer(run, shard_set, [*common, "train.steps=4"])
+    newest = run / "checkpoints/step_00000004"
+    shard = newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    cmd = trainer_cmd(2, [*TINY, f"data.shards={shard_set}", f"run.dir={run}", *common, "train.steps=6"])
+    proc = subprocess.run(cmd, cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"could not load checkpoint {newest}" in proc.stderr, proc.stderr[-3000:]
+    assert f"remove {newest / 'COMPLETE'} and the run resumes from the previous complete checkpoint" in proc.stderr
+    (newest / "COMPLETE").unlink()
+    run_trainer(run, shard_set, [*common, "train.steps=6"])
+    assert sorted(read_metrics(run)) == list(range(1, 7))
+    assert (run / "checkpoints/step_00000006/COMPLETE").is_file()
+
+
 def test_data2vec_zero3_resumes_at_another_world_size(tmp_path, shard_set):
     """ZeRO-3 data2vec saved by 2 ranks, resumed by 1 through the universal format: the teacher's fp32 EMA
     master, saved as each rank's slices, is put back together for the one rank, and training goes on."""
