@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -24,7 +26,10 @@ from largemim.data.shard_writer import (
     IMAGE_KEYS,
     Member,
     SourceSample,
+    UnknownClassError,
     WriteOptions,
+    load_classes,
+    plan_fingerprint,
     plan_shards,
     scan_folder,
     scan_list,
@@ -34,6 +39,7 @@ from largemim.data.shard_writer import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+TOOL = [sys.executable, str(REPO / "tools" / "make_shards.py")]
 FMNIST_TRAIN = REPO / "data" / "fashion_mnist" / "train"
 WALLPAPERS = Path("/usr/share/wallpapers")
 
@@ -172,8 +178,9 @@ def test_resume_after_an_interrupted_write(image_folder: Path, tmp_path: Path):
         write_shards(source, out, options, progress=False)
     victim.write_bytes(saved)
     finished = sorted(p.name for p in out.glob("*.tar"))
-    assert finished == [plan[i].name for i in range(3)]  # one worker: shards 0-2 done, 3 left as .tmp
-    assert (out / (plan[3].name + ".tmp")).exists() and not (out / "manifest.json").exists()
+    assert finished == [plan[i].name for i in range(3)]  # one worker: shards 0-2 done, 3 failed
+    assert not list(out.glob("*.tmp")), "the failed shard's partial .tmp is deleted"
+    assert not (out / "manifest.json").exists()
 
     # Also: a finished shard with the wrong samples (as from a crash before the plan file existed) is redone.
     with tarfile.open(out / plan[1].name, "w") as tar:
@@ -386,3 +393,223 @@ def test_a_tar_cut_inside_a_header_or_between_members_is_refused(tmp_path: Path)
         bad.write_bytes(whole.read_bytes()[:cut])
         with pytest.raises(ValueError, match=rf"{name} is damaged or truncated \(no end-of-archive block"):
             scan_tars([bad])
+
+
+def run_tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*TOOL, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_an_image_that_cannot_be_resized_is_stored_as_it_is_and_reported(tmp_path: Path, caplog):
+    """Review finding: one undecodable image, or one beyond PIL's decompression-bomb limit (exactly the huge
+    images one resizes), aborted the whole write with --resize-long-side."""
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    files = {
+        "empty.jpg": b"",
+        "broken.png": b"\x89PNG\r\n\x1a\n" + bytes(200),
+        "photo.jpg": encode(photo_like(np.random.default_rng(2), 800, 600), "JPEG"),
+        # 13400 x 13400 = 180 M pixels: PIL refuses it as a bomb by default (above twice 89 M); 2 MB of JPEG
+        "huge.jpg": encode(Image.new("L", (13400, 13400), 128), "JPEG", quality=50),
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    options = WriteOptions(samples_per_shard=1, resize_long_side=256)
+    with caplog.at_level("WARNING", logger="largemim.data.shard_writer"):
+        written = write_shards(scan_folder(folder), tmp_path / "o", options, progress=False)
+    assert written.total_samples == 4
+    stored = [s.get("jpg", s.get("png")) for s in read_samples(tmp_path / "o")]
+    assert files["empty.jpg"] in stored and files["broken.png"] in stored, "kept byte for byte"
+    sizes = sorted(Image.open(io.BytesIO(b)).size for b in stored if b not in (files["empty.jpg"], files["broken.png"]))
+    assert sizes == [(256, 192), (256, 256)], "the huge image is resized too"
+    assert sorted(Path(f.split(":")[0]).name for f in written.not_resized) == ["broken.png", "empty.jpg"]
+    assert "2 image(s) could not be resized" in caplog.text and "empty.jpg" in caplog.text
+
+    # In worker processes (their counts come back to the parent), through the command line.
+    run = run_tool("--folder", str(folder), "--out", str(tmp_path / "cli"), "--resize-long-side", "256",
+                   "--samples-per-shard", "1", "--workers", "2", "--no-progress")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "4 shards, 4 samples; 2 image(s) could not be resized" in run.stdout
+    assert "broken.png" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_overwrite_deletes_the_old_manifest_and_classes_with_the_old_shards(image_folder: Path, tmp_path: Path):
+    """Review finding: an interrupted --overwrite left the old manifest, whose counts fit the old shards."""
+    source = scan_folder(image_folder)
+    out = tmp_path / "out"
+    write_shards(source, out, WriteOptions(samples_per_shard=5), progress=False)
+    assert (out / "manifest.json").is_file() and (out / "classes.txt").is_file()
+    victim = Path(source.samples[-1].members[0].path)
+    saved = victim.read_bytes()
+    victim.unlink()  # the new write fails part way
+    with pytest.raises(FileNotFoundError):
+        write_shards(source, out, WriteOptions(samples_per_shard=4, seed=None), overwrite=True, progress=False)
+    assert not (out / "manifest.json").exists() and not (out / "classes.txt").exists()
+    victim.write_bytes(saved)
+    written = write_shards(source, out, WriteOptions(samples_per_shard=4, seed=None), progress=False)
+    assert [s.samples for s in Manifest.load(out).shards] == [s.samples for s in written.shards] == [4] * 5 + [3]
+    assert (out / "classes.txt").read_text().split() == source.classes
+
+
+def test_leftover_partial_shards_are_deleted_not_counted(image_folder: Path, tmp_path: Path):
+    """Review finding: a PREFIX-NNNNNN.tar.tmp left by a crash (``rm out/*.tar`` keeps it) counted as a shard
+    and forced --overwrite."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "shard-000007.tar.tmp").write_bytes(b"partial")
+    (out / "other-000000.tar.tmp").write_bytes(b"not ours")
+    write_shards(scan_folder(image_folder), out, WriteOptions(samples_per_shard=10), progress=False)
+    assert sorted(p.name for p in out.glob("*.tmp")) == ["other-000000.tar.tmp"]
+    assert Manifest.load(out).total_samples == 23
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(image_folder: Path, tmp_path: Path, workers: int):
+    """Review finding: Ctrl-C reached the workers too, which left their shard as .tmp, went on writing queued
+    shards and printed tracebacks. A FIFO among the images holds one shard's writer still (a real file
+    read, blocked until the test writes to it), so that Ctrl-C lands mid-shard every time."""
+    fifo = image_folder / "n02_dog" / "zz_slow.jpg"
+    os.mkfifo(fifo)
+    source = scan_folder(image_folder)
+    options = WriteOptions(samples_per_shard=4, seed=0, workers=workers)
+    plan = plan_shards(source.samples, options)
+    slow = next(s.name for s in plan if any(m.path == str(fifo) for _, x in s.samples for m in x.members))
+    out = tmp_path / "out"
+    cmd = [*TOOL, "--folder", str(image_folder), "--out", str(out), "--samples-per-shard", "4", "--workers",
+           str(workers), "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    others = {s.name for s in plan} - {slow}
+    deadline = time.monotonic() + 60
+    try:
+        while not (out / (slow + ".tmp")).exists() or (workers > 1 and not others <= {p.name for p in out.iterdir()}):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # the test failed: leave no writer blocked on the FIFO
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    finished = sorted(p.name for p in out.glob("*.tar"))
+    assert proc.returncode == 130, stderr
+    assert f"interrupted: {len(finished)} of {len(plan)} shards are complete; run the same command to resume" in stderr
+    assert "Traceback" not in stderr and not list(out.glob("*.tmp"))
+    before_slow = next(s.index for s in plan if s.name == slow)  # one worker writes the shards in order
+    assert slow not in finished and len(finished) == (len(plan) - 1 if workers > 1 else before_slow)
+    time.sleep(0.3)
+    assert sorted(p.name for p in out.glob("*.tar*")) == finished, "no worker goes on writing"
+
+    kept = {name: (out / name).stat().st_ino for name in finished}
+    feeder = threading.Thread(target=lambda: open(fifo, "wb").close(), daemon=True)  # an empty image: EOF
+    feeder.start()
+    try:
+        written = write_shards(source, out, options, progress=False)
+    finally:
+        if feeder.is_alive():  # the write failed before reading the FIFO: release the feeder
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        feeder.join(timeout=10)
+    assert written.total_samples == 24 and not list(out.glob("*.tmp"))
+    assert {name: (out / name).stat().st_ino for name in kept} == kept, "finished shards must be kept"
+
+
+def test_file_names_that_are_not_utf8(tmp_path: Path):
+    """Review finding: a folder named with a Latin-1 byte (b'caf\\xe9') crashed the plan fingerprint."""
+    root = tmp_path / "images"
+    for name in (b"caf\xe9", b"tea"):
+        folder = os.path.join(os.fsencode(root), name)
+        os.makedirs(folder)
+        with open(os.path.join(folder, b"img.png"), "wb") as f:
+            f.write(encode(photo_like(np.random.default_rng(3), 40, 30), "PNG"))
+    source = scan_folder(root)
+    assert source.classes == ["caf\udce9", "tea"]
+    out = tmp_path / "out"
+    assert write_shards(source, out, WriteOptions(samples_per_shard=1), progress=False).total_samples == 2
+    assert (out / "classes.txt").read_bytes() == b"caf\xe9\ntea\n", "the name's own bytes"
+    assert load_classes(out / "classes.txt") == source.classes
+    assert scan_folder(root, load_classes(out / "classes.txt")).samples == source.samples
+
+
+def test_the_plan_fingerprint_of_utf8_names_is_unchanged():
+    """Shards written before stay resumable: the digest below was computed by the earlier code."""
+    samples = [SourceSample((Member("jpg", f"/data/caf\u00e9/{i:03d}.jpg", 1000 + i),), i % 3) for i in range(10)]
+    samples.append(SourceSample((Member("png", "/data/x.tar", 700, 1536), Member("cls", "/data/x.tar", 1, 2560))))
+    options = WriteOptions(prefix="train", samples_per_shard=4, seed=5, resize_long_side=256)
+    digest = plan_fingerprint(plan_shards(samples, options), options)
+    assert digest == "27edfbb1addd81c71832c2e5bdbb7e4eaa6712ded7ff9b57a719627ab8218e85"
+
+
+def test_a_list_entry_that_is_not_named_as_an_image_is_refused(image_folder: Path, tmp_path: Path):
+    """Review finding: a listed file without an image extension became a member (``00000000.``) no reader decodes."""
+    good = next(image_folder.rglob("*.JPEG"))
+    for name in ("picture", "anim.gif"):
+        (tmp_path / name).write_bytes(good.read_bytes())
+        listing = tmp_path / f"{name}.txt"
+        listing.write_text(f"{good}\n{tmp_path / name}\n")
+        with pytest.raises(ValueError, match=rf"{name}.txt:2: .*{name} is not named as an image.*\.jpg, \.jpeg"):
+            scan_list(listing)
+
+
+def test_a_symlink_loop_in_a_class_folder_is_read_once(image_folder: Path, tmp_path: Path):
+    """Review finding: ``cls/up -> ..`` made os.walk (links followed) read the same images again and again."""
+    (image_folder / "n01_cat" / "up").symlink_to("..")
+    (image_folder / "n02_dog" / "sub").mkdir()
+    (image_folder / "n02_dog" / "sub" / "again").symlink_to("..")
+    extra = tmp_path / "extra_fish"  # a link that is no loop is still followed
+    extra.mkdir()
+    for i in range(2):
+        (extra / f"x{i}.png").write_bytes(encode(photo_like(np.random.default_rng(i), 30, 30), "PNG"))
+    (image_folder / "n03_fish" / "elsewhere").symlink_to(extra)
+    source = scan_folder(image_folder)
+    paths = [s.members[0].path for s in source.samples]
+    assert len(paths) == len(set(paths)) == 25
+    assert Counter(s.label for s in source.samples) == Counter({0: 9, 1: 8, 2: 8})
+
+
+def test_classes_from_the_train_split_number_a_validation_split_alike(image_folder: Path, tmp_path: Path, caplog):
+    """Review finding: a split missing one class's images numbered the classes differently from train."""
+    train = tmp_path / "train"
+    write_shards(scan_folder(image_folder), train, WriteOptions(samples_per_shard=50), progress=False)
+    classes = load_classes(train / "classes.txt")
+    for p in (image_folder / "n02_dog").iterdir():  # the validation split: no dog images
+        p.unlink()
+    with caplog.at_level("WARNING", logger="largemim.data.shard_writer"):
+        alone = scan_folder(image_folder)
+    assert alone.classes == ["n01_cat", "n03_fish"]  # as before, with a warning that says what to do
+    assert "'n02_dog'" in caplog.text and "--classes TRAIN_OUT/classes.txt" in caplog.text
+
+    val = scan_folder(image_folder, classes)
+    assert val.classes == classes and Counter(s.label for s in val.samples) == Counter({0: 9, 2: 6})
+    write_shards(val, tmp_path / "val", WriteOptions(samples_per_shard=50), progress=False)
+    assert (tmp_path / "val" / "classes.txt").read_text().splitlines() == classes
+    by_bytes = {p.read_bytes(): p.parent.name for p in image_folder.rglob("img_*")}
+    for s in read_samples(tmp_path / "val"):
+        assert classes[int(s["cls"])] == by_bytes[s.get("jpg", s.get("png"))]
+
+    listing = tmp_path / "val.txt"
+    listing.write_text("".join(f"{p}\t{p.parent.name}\n" for p in sorted(image_folder.rglob("img_*"))))
+    assert [s.label for s in scan_list(listing, classes).samples] == [s.label for s in val.samples]
+    listing.write_text(listing.read_text() + f"{next(image_folder.rglob('img_*'))}\tn09_bird\n")
+    with pytest.raises(UnknownClassError, match=r"val.txt:16: class 'n09_bird' is not in"):
+        scan_list(listing, classes)
+
+    (image_folder / "n09_bird").mkdir()
+    (image_folder / "n09_bird" / "b.png").write_bytes(encode(photo_like(np.random.default_rng(4), 30, 30), "PNG"))
+    run = run_tool("--folder", str(image_folder), "--out", str(tmp_path / "val2"), "--classes",
+                   str(train / "classes.txt"), "--no-progress")  # fmt: skip
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert f"class 'n09_bird' is not in {train / 'classes.txt'}; add it at the end" in run.stderr
+    assert not (tmp_path / "val2").exists()
+
+
+def test_cli_errors_are_one_line(image_folder: Path, tmp_path: Path):
+    """Review finding: bad options given to WriteOptions, and errors while writing, were tracebacks."""
+    base = ["--folder", str(image_folder), "--workers", "1", "--no-progress"]
+    (tmp_path / "a_file").write_text("")
+    for extra, expected in (
+        (["--out", str(tmp_path / "o"), "--resize-long-side", "0"], "error: resize_long_side must be >= 1"),
+        (["--out", str(tmp_path / "o"), "--prefix", "a/b"], "error: prefix 'a/b' must be"),
+        (["--out", str(tmp_path / "a_file" / "o")], "error: "),  # an OSError from the write: --out under a file
+    ):
+        run = run_tool(*base, *extra)
+        assert run.returncode == 1 and expected in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr
+    assert os.access(REPO / "tools" / "make_shards.py", os.X_OK), "its --help example runs it directly"

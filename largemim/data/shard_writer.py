@@ -7,7 +7,10 @@ The cut is a pure function of the source and the options, and its fingerprint is
 shards (``PREFIX-plan.json``), so an interrupted write resumes exactly: a finished shard is kept when
 it holds exactly the keys the plan gives it, anything else is written again. Image bytes are copied
 as they are (no re-encode) unless ``resize_long_side`` is set; then an image whose long side is larger
-is scaled down and re-encoded as JPEG.
+is scaled down and re-encoded as JPEG, and one that cannot be decoded is stored as it is (the trainer
+skips and counts it), counted and named in a warning at the end.
+
+Ctrl-C stops the workers at once: the finished shards stay, the partial ones (``.tmp``) are deleted.
 
 Each sample is keyed by its position in the shuffled order (``00000000``, ``00000001``, ...): unique,
 so WebDataset never merges two neighbours that happened to share a file name.
@@ -24,11 +27,15 @@ import multiprocessing as mp
 import os
 import random
 import re
+import signal
 import tarfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from largemim.data.manifest import MANIFEST_NAME, Manifest, ShardInfo
@@ -41,6 +48,10 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm")
 
 BLOCK = tarfile.BLOCKSIZE  # 512: tar header and data granularity
+CLASSES_NAME = "classes.txt"  # class names by label, one a line, next to the manifest
+# The images one resizes are the huge ones: PIL's default limit (89 M pixels, an error at twice that)
+# refuses a large scan or panorama as a "decompression bomb". JPEGs are draft-decoded at a fraction of that.
+RESIZE_MAX_PIXELS = 2**30
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: key, then all extensions
 
 
@@ -52,6 +63,10 @@ class Member:
     path: str
     size: int
     offset: int = -1
+
+    @property
+    def where(self) -> str:
+        return self.path if self.offset < 0 else f"{self.path} (member at byte {self.offset})"
 
     def read(self, open_tars: dict[str, io.BufferedReader]) -> bytes:
         if self.offset < 0:
@@ -120,11 +135,29 @@ def _ext_of(path: Path) -> str:
     return "jpg" if ext == "jpeg" else ext
 
 
-def _images_under(folder: Path) -> list[Path]:
-    found = []
+def _dir_id(path: str | os.PathLike) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _images_under(folder: Path, above: tuple[int, int]) -> list[Path]:
+    """Image files under ``folder``, links followed, each folder read once: a link loop (``up -> ..``) or a
+    link back to ``above`` (the folder of all classes) would otherwise repeat the same images without end."""
+    found, seen, revisits = [], {above}, []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        here = _dir_id(dirpath)
+        if here in seen:
+            dirnames.clear()
+            revisits.append(dirpath)
+            continue
+        seen.add(here)
         dirnames.sort()
         found += [Path(dirpath) / f for f in sorted(filenames) if _ext_of(Path(f)) in IMAGE_KEYS]
+    if revisits:
+        log.warning(
+            "%s: %d linked folder(s) lead back to a folder already read (%s, ...); read once, not again",
+            folder, len(revisits), revisits[0],
+        )  # fmt: skip
     return found
 
 
@@ -132,57 +165,139 @@ def _file_sample(path: Path, label: int | None) -> SourceSample:
     return SourceSample((Member(_ext_of(path), str(path), path.stat().st_size),), label)
 
 
-def scan_folder(root: str | os.PathLike) -> Source:
-    """ImageNet's layout: one sub-folder per class (label = index in sorted order); or a flat folder, unlabelled."""
+class UnknownClassError(ValueError):
+    """The input has a class that the class list given (``classes=``, make_shards' ``--classes``) lacks."""
+
+    def __init__(self, name: str, where: str, origin: str = "the class list given"):
+        self.name, self.where = name, where
+        super().__init__(self.message(origin))
+
+    def message(self, origin: str) -> str:
+        return (
+            f"{self.where}: class {self.name!r} is not in {origin}; add it at the end of the list (the other "
+            "labels keep their numbers), or leave its images out"
+        )
+
+
+def load_classes(path: str | os.PathLike) -> list[str]:
+    """Class names by label, one a line: the ``classes.txt`` written next to another split's shards."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"class list {path} does not exist; give the {CLASSES_NAME} of the train split's shards"
+        )
+    names = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    if not names:
+        raise ValueError(f"{path} names no class; give the {CLASSES_NAME} written next to the train shards")
+    first: dict[str, int] = {}
+    for n, name in enumerate(names, 1):
+        if not name.strip():
+            raise ValueError(f"{path}:{n}: blank line; write one class name a line (line n is label n-1)")
+        if name in first:
+            raise ValueError(f"{path}:{n}: class {name!r} again (also on line {first[name]}); name each class once")
+        first[name] = n
+    return names
+
+
+def _warn_empty_folders(root: Path, empty: list[str], classes: list[str]) -> None:
+    shown = ", ".join(repr(name) for name in empty[:5]) + (", ..." if len(empty) > 5 else "")
+    log.warning(
+        "%s: %d sub-folder(s) hold no images and are no class (%s); labels number the other %d folders, so a "
+        "split missing a class numbers them differently: pass --classes TRAIN_OUT/%s (classes=) so labels "
+        "agree with another split",
+        root, len(empty), shown, len(classes), CLASSES_NAME,
+    )  # fmt: skip
+
+
+def scan_folder(root: str | os.PathLike, classes: list[str] | None = None) -> Source:
+    """ImageNet's layout: one sub-folder per class; or a flat folder, unlabelled.
+
+    Labels are indices in ``classes`` when given (every class folder with images must be in it: give the
+    train split's list to a validation split), else in the sorted names of the folders that hold images.
+    """
     root = Path(root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     loose = sorted(p for p in root.iterdir() if p.is_file() and _ext_of(p) in IMAGE_KEYS)
-    per_class = {d.name: _images_under(d) for d in sorted(p for p in root.iterdir() if p.is_dir())}
-    classes = [name for name, files in per_class.items() if files]  # folders without images are no class
-    if classes and loose:
+    above = _dir_id(root)
+    per_class = {d.name: _images_under(d, above) for d in sorted(p for p in root.iterdir() if p.is_dir())}
+    found = [name for name, files in per_class.items() if files]  # folders without images are no class
+    if found and loose:
         raise ValueError(
-            f"{root} holds both class sub-folders ({classes[0]!r}, ...) and images at its top ({loose[0].name!r}, "
+            f"{root} holds both class sub-folders ({found[0]!r}, ...) and images at its top ({loose[0].name!r}, "
             "...); move the loose images into a class folder, or point at a folder of one kind"
         )
-    if not classes:
+    if not found:
         if not loose:
             raise ValueError(f"{root} holds no images (looked for {', '.join(IMAGE_KEYS)})")
+        if classes is not None:
+            raise ValueError(f"{root} has no class sub-folders (its images are unlabelled); leave out the class list")
         return Source([_file_sample(p, None) for p in loose], None, f"{len(loose)} images in {root}")
-    samples = [_file_sample(p, i) for i, name in enumerate(classes) for p in per_class[name]]
-    return Source(samples, classes, f"{len(samples)} images in {len(classes)} classes under {root}")
+    given = classes is not None
+    if not given:
+        classes = found
+        empty = [name for name, files in per_class.items() if not files]
+        if empty:
+            _warn_empty_folders(root, empty, classes)
+    index = {c: i for i, c in enumerate(classes)}
+    for name in found:
+        if name not in index:
+            raise UnknownClassError(name, f"class folder {root / name} ({len(per_class[name])} images)")
+    samples = [_file_sample(p, index[name]) for name in found for p in per_class[name]]
+    used = f"{len(found)} of {len(classes)}" if given else f"{len(classes)}"
+    return Source(samples, classes, f"{len(samples)} images in {used} classes under {root}")
 
 
-def scan_list(list_path: str | os.PathLike) -> Source:
-    """One image path per line, optionally ``<TAB>label``; relative paths are relative to the list's folder.
-
-    Integer labels are used as they are; other labels are numbered in sorted order (and named in classes.txt).
-    """
-    list_path = Path(list_path).resolve()
-    rows: list[tuple[Path, str | None]] = []
+def _list_rows(list_path: Path) -> list[tuple[int, Path, str | None]]:
+    """(line number, image path, label or None) of each entry; every path an existing image file."""
+    rows = []
     for n, line in enumerate(list_path.read_text().splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
         path, _, label = line.rstrip("\r\n").partition("\t")
         path = (list_path.parent / path.strip()).resolve()
+        if _ext_of(path) not in IMAGE_KEYS:  # the member's extension is how a reader knows it is an image
+            raise ValueError(
+                f"{list_path}:{n}: {path} is not named as an image (extension {path.suffix or 'none'!r}); list "
+                f"image files only, named .{', .'.join(IMAGE_KEYS)} (any case)"
+            )
         if not path.is_file():
             raise FileNotFoundError(f"{list_path}:{n}: no image at {path}")
-        rows.append((path, label.strip() or None))
+        rows.append((n, path, label.strip() or None))
     if not rows:
         raise ValueError(f"{list_path} lists no image")
-    labelled = [label is not None for _, label in rows]
+    return rows
+
+
+def scan_list(list_path: str | os.PathLike, classes: list[str] | None = None) -> Source:
+    """One image path per line, optionally ``<TAB>label``; relative paths are relative to the list's folder.
+
+    With ``classes``, every label is a class name and its label is the name's index there (give the train
+    split's list to a validation split). Without, integer labels are used as they are and other labels
+    are numbered in sorted order (and named in classes.txt).
+    """
+    list_path = Path(list_path).resolve()
+    rows = _list_rows(list_path)
+    labelled = [label is not None for _, _, label in rows]
     if any(labelled) and not all(labelled):
         n = labelled.index(not labelled[0]) + 1
         raise ValueError(f"{list_path}: some lines have a label and some do not (e.g. entry {n}); label all or none")
     if not labelled[0]:
-        return Source([_file_sample(p, None) for p, _ in rows], None, f"{len(rows)} images listed in {list_path}")
-    names = [label for _, label in rows]
-    if all(re.fullmatch(r"-?\d+", s) for s in names):
-        return Source([_file_sample(p, int(s)) for p, s in rows], None, f"{len(rows)} images listed in {list_path}")
-    classes = sorted(set(names))
+        if classes is not None:
+            raise ValueError(f"{list_path} has no labels (path<TAB>class per line); leave out the class list")
+        return Source([_file_sample(p, None) for _, p, _ in rows], None, f"{len(rows)} images listed in {list_path}")
+    names = [label for _, _, label in rows]
+    if classes is None and all(re.fullmatch(r"-?\d+", s) for s in names):
+        return Source([_file_sample(p, int(s)) for _, p, s in rows], None, f"{len(rows)} images listed in {list_path}")
+    given = classes is not None
+    classes = classes if given else sorted(set(names))
     index = {c: i for i, c in enumerate(classes)}
-    samples = [_file_sample(p, index[s]) for p, s in rows]
-    return Source(samples, classes, f"{len(rows)} images in {len(classes)} classes listed in {list_path}")
+    for n, _, name in rows:
+        if name not in index:
+            raise UnknownClassError(name, f"{list_path}:{n}")
+    samples = [_file_sample(p, index[s]) for _, p, s in rows]
+    used = f"{len(set(names))} of {len(classes)}" if given else f"{len(classes)}"
+    return Source(samples, classes, f"{len(rows)} images in {used} classes listed in {list_path}")
 
 
 def _check_end(tar: tarfile.TarFile, url: str) -> None:
@@ -229,8 +344,9 @@ def scan_tars(urls: Iterable[str | os.PathLike]) -> Source:
         raise ValueError(f"the {len(urls)} tar(s) given hold no sample")
     classes = None
     folders = {Path(u).parent for u in urls}
-    if len(folders) == 1 and (next(iter(folders)) / "classes.txt").is_file():
-        classes = (next(iter(folders)) / "classes.txt").read_text().splitlines()
+    if len(folders) == 1 and (next(iter(folders)) / CLASSES_NAME).is_file():
+        classes = (next(iter(folders)) / CLASSES_NAME).read_text(encoding="utf-8", errors="surrogateescape")
+        classes = classes.splitlines()
     return Source(samples, classes, f"{len(samples)} samples in {len(urls)} tar(s)")
 
 
@@ -275,60 +391,89 @@ def plan_shards(samples: list[SourceSample], options: WriteOptions) -> list[Shar
     return shards
 
 
+def _utf8(text: str) -> bytes:
+    # A file name that is not UTF-8 (b'caf\xe9') comes from the OS as a lone surrogate ('caf\udce9'):
+    # encoded back to its own bytes. Valid names encode exactly as before, so stored plans still match.
+    return text.encode("utf-8", "surrogateescape")
+
+
 def plan_fingerprint(shards: list[ShardPlan], options: WriteOptions) -> str:
     """Changes with anything that changes a shard's bytes: inputs (path, size), order, cut, resize."""
     h = hashlib.sha256()
     what = {k: getattr(options, k) for k in ("prefix", "resize_long_side", "jpeg_quality")}
-    h.update(json.dumps(what, sort_keys=True).encode())
+    h.update(_utf8(json.dumps(what, sort_keys=True)))
     for shard in shards:
-        h.update(f"\n#{shard.name}".encode())
+        h.update(_utf8(f"\n#{shard.name}"))
         for key, sample in shard.samples:
-            h.update(f"\n{key} {sample.label}".encode())
+            h.update(_utf8(f"\n{key} {sample.label}"))
             for m in sample.members:
-                h.update(f" {m.ext}:{m.path}:{m.offset}:{m.size}".encode())
+                h.update(_utf8(f" {m.ext}:{m.path}:{m.offset}:{m.size}"))
     return h.hexdigest()
 
 
 # -- writing one shard (runs in a worker process)
 
 
+@contextmanager
+def _resize_pixel_limit() -> Iterator[None]:
+    """PIL's decompression-bomb limit raised to ``RESIZE_MAX_PIXELS`` (and its warning silenced) meanwhile."""
+    from PIL import Image
+
+    before = Image.MAX_IMAGE_PIXELS
+    if before is not None:
+        Image.MAX_IMAGE_PIXELS = max(before, RESIZE_MAX_PIXELS)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+
+
 def resize_encoded(data: bytes, long_side: int, quality: int) -> bytes | None:
     """JPEG bytes of the image scaled to ``long_side``, or None when it is not larger than that."""
     from PIL import Image
 
-    img = Image.open(io.BytesIO(data))
-    w, h = img.size
-    if max(w, h) <= long_side:
-        return None
-    scale = long_side / max(w, h)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    if img.mode not in ("RGB", "L"):
-        from largemim.data.augment import decode_rgb  # grey/palette/CMYK/alpha/16-bit -> RGB, as training sees it
+    with _resize_pixel_limit():
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if max(w, h) <= long_side:
+            return None
+        scale = long_side / max(w, h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        if img.mode not in ("RGB", "L"):
+            from largemim.data.augment import decode_rgb  # grey/palette/CMYK/alpha/16-bit -> RGB, as training sees it
 
-        img = decode_rgb(data)
-    elif img.format == "JPEG":
-        # DCT-domain reduction to at least twice the target, as Image.thumbnail does: fast, and the
-        # bicubic below still has a 2x margin to antialias from.
-        img.draft(img.mode, (size[0] * 2, size[1] * 2))
-    img = img.resize(size, Image.BICUBIC)
+            img = decode_rgb(data)
+        elif img.format == "JPEG":
+            # DCT-domain reduction to at least twice the target, as Image.thumbnail does: fast, and the
+            # bicubic below still has a 2x margin to antialias from.
+            img.draft(img.mode, (size[0] * 2, size[1] * 2))
+        img = img.resize(size, Image.BICUBIC)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
-def _sample_members(sample: SourceSample, options: WriteOptions, open_tars: dict) -> Iterator[tuple[str, bytes]]:
+def _resized(member: Member, data: bytes, options: WriteOptions, failures: list[str]) -> tuple[str, bytes]:
+    """(extension, bytes) to store: the image scaled down, or as it is when not larger or not decodable."""
+    try:
+        small = resize_encoded(data, options.resize_long_side, options.jpeg_quality)
+    except Exception as exn:  # noqa: BLE001 - any decoder error: stored as it is, as the trainer skips and counts it
+        failures.append(f"{member.where}: {type(exn).__name__}: {exn}")
+        return member.ext, data
+    return ("jpg", small) if small is not None else (member.ext, data)
+
+
+def _sample_members(
+    sample: SourceSample, options: WriteOptions, open_tars: dict, failures: list[str]
+) -> Iterator[tuple[str, bytes]]:
     resized = False
     for m in sample.members:
         data, ext = m.read(open_tars), m.ext
         if options.resize_long_side and not resized and ext in IMAGE_KEYS:
-            try:
-                small = resize_encoded(data, options.resize_long_side, options.jpeg_quality)
-            except Exception as exn:  # noqa: BLE001 - name the file, then stop: the plan has no room for a gap
-                where = m.path if m.offset < 0 else f"{m.path} (member at byte {m.offset})"
-                raise ValueError(f"cannot resize {where}: {exn}; remove or fix it and run again") from exn
+            ext, data = _resized(m, data, options, failures)
             resized = True
-            if small is not None:
-                data, ext = small, "jpg"
         yield ext, data
     if sample.label is not None:
         yield "cls", str(sample.label).encode()
@@ -356,27 +501,44 @@ def _init_worker(ticks: _Ticks) -> None:
     _ticks = ticks
 
 
-def _write_shard(job: tuple[ShardPlan, str, WriteOptions]) -> int:
-    shard, out, options = job
-    final = Path(out) / shard.name
-    tmp = final.with_name(final.name + ".tmp")
+def _init_pool_worker(ticks: _Ticks) -> None:
+    # Ctrl-C signals the terminal's whole process group. A worker that took it would drop its shard half
+    # written and go on with the next; the parent stops the workers itself (_stop_workers).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(ticks)
+
+
+def _write_tar(path: Path, shard: ShardPlan, options: WriteOptions, failures: list[str]) -> None:
     open_tars: dict[str, io.BufferedReader] = {}
     try:
-        with open(tmp, "wb") as f:
+        with open(path, "wb") as f:
             with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
                 for key, sample in shard.samples:
-                    for ext, data in _sample_members(sample, options, open_tars):
+                    for ext, data in _sample_members(sample, options, open_tars, failures):
                         info = tarfile.TarInfo(f"{key}.{ext}")
                         info.size, info.mode, info.mtime = len(data), 0o444, 0  # fixed: same bytes on every run
                         tar.addfile(info, io.BytesIO(data))
                     _ticks.tick()
             f.flush()
-            os.fsync(f.fileno())  # the rename below must never expose a shard whose data is not on disk
+            os.fsync(f.fileno())  # the rename must never expose a shard whose data is not on disk
     finally:
         for handle in open_tars.values():
             handle.close()
+
+
+def _write_shard(job: tuple[ShardPlan, str, WriteOptions]) -> tuple[int, list[str]]:
+    """Write one shard (``.tmp``, then renamed); returns its index and the images it could not resize."""
+    shard, out, options = job
+    final = Path(out) / shard.name
+    tmp = final.with_name(final.name + ".tmp")
+    failures: list[str] = []
+    try:
+        _write_tar(tmp, shard, options, failures)
+    except BaseException:  # an error or Ctrl-C: a partial shard is never valid, the rerun writes it whole
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, final)
-    return shard.index
+    return shard.index, failures
 
 
 def shard_keys(path: str | os.PathLike) -> list[str] | None:
@@ -396,6 +558,18 @@ def shard_keys(path: str | os.PathLike) -> list[str] | None:
 # -- the whole write
 
 
+def _shard_re(prefix: str, suffix: str = "") -> re.Pattern:
+    return re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.tar{suffix}$")
+
+
+def _remove_partial_shards(out: Path, prefix: str) -> int:
+    """Delete ``PREFIX-NNNNNN.tar.tmp`` (left by a crash or Ctrl-C; never a valid shard); returns how many."""
+    partial = [p for p in out.iterdir() if _shard_re(prefix, r"\.tmp").match(p.name)]
+    for p in partial:
+        p.unlink(missing_ok=True)
+    return len(partial)
+
+
 def _inputs_among_outputs(source: Source, out: Path, ours: re.Pattern) -> list[str]:
     """Input files that are also ``PREFIX-NNNNNN.tar`` files of ``out``, which a write unlinks or replaces.
 
@@ -408,35 +582,47 @@ def _inputs_among_outputs(source: Source, out: Path, ours: re.Pattern) -> list[s
     return sorted(p for p in hits if os.path.realpath(os.path.dirname(p)) == real_out)
 
 
-def _check_out_folder(source: Source, out: Path, options: WriteOptions, fingerprint: str, overwrite: bool) -> None:
-    """Refuse to destroy the inputs, to mix two shard sets in one folder, or to resume a write planned differently.
-
-    Runs before anything in ``out`` is written, unlinked or replaced.
-    """
-    plan_file = out / f"{options.prefix}-plan.json"
-    ours = re.compile(rf"^{re.escape(options.prefix)}-\d{{6}}\.tar(\.tmp)?$")
-    clash = _inputs_among_outputs(source, out, ours)
+def _check_inputs_kept(source: Source, out: Path, prefix: str) -> None:
+    clash = _inputs_among_outputs(source, out, _shard_re(prefix, r"(\.tmp)?"))
     if clash:
         # Each shard is written to .tmp and renamed over PREFIX-NNNNNN.tar (and --overwrite unlinks them all
         # first), so a source read from those names would be destroyed while it is still being read.
-        other_prefix = "" if (out / MANIFEST_NAME).is_file() else f", or use another --prefix than {options.prefix!r}"
+        other_prefix = "" if (out / MANIFEST_NAME).is_file() else f", or use another --prefix than {prefix!r}"
         raise ValueError(
             f"the input includes {len(clash)} file(s) named like the output shards in {out} "
-            f"({Path(clash[0]).name}, ...): writing {options.prefix}-*.tar there would delete or replace them while "
+            f"({Path(clash[0]).name}, ...): writing {prefix}-*.tar there would delete or replace them while "
             f"they are read; write the new shards to another folder (--out){other_prefix}"
         )
-    existing = sorted(p for p in out.iterdir() if ours.match(p.name))
-    if (out / MANIFEST_NAME).is_file():
-        try:
-            listed = [s.url for s in Manifest.load(out).shards]
-        except (ValueError, KeyError, TypeError):
-            listed = []
-        foreign = [u for u in listed if not ours.match(Path(u).name)]
-        if foreign:
-            raise ValueError(
-                f"{out} already holds another shard set ({foreign[0]!r} in its {MANIFEST_NAME}); the trainer reads "
-                "one manifest per folder, so write each set to a folder of its own"
-            )
+
+
+def _manifest_is_ours(out: Path, prefix: str) -> bool:
+    """Whether ``out`` has a manifest of this prefix's shard set; another set's is refused."""
+    if not (out / MANIFEST_NAME).is_file():
+        return False
+    try:
+        listed = [s.url for s in Manifest.load(out).shards]
+    except (ValueError, KeyError, TypeError):
+        return False
+    foreign = [u for u in listed if not _shard_re(prefix).match(Path(u).name)]
+    if foreign:
+        raise ValueError(
+            f"{out} already holds another shard set ({foreign[0]!r} in its {MANIFEST_NAME}); the trainer reads "
+            "one manifest per folder, so write each set to a folder of its own"
+        )
+    return bool(listed)
+
+
+def _check_out_folder(source: Source, out: Path, options: WriteOptions, fingerprint: str, overwrite: bool) -> None:
+    """Refuse to destroy the inputs, to mix two shard sets in one folder, or to resume a write planned differently.
+
+    Runs before anything in ``out`` is written, unlinked or replaced (but partial ``.tmp`` shards, never valid).
+    """
+    _check_inputs_kept(source, out, options.prefix)
+    if _remove_partial_shards(out, options.prefix):
+        log.info("deleted the partial %s-*.tar.tmp shards of an interrupted write", options.prefix)
+    plan_file = out / f"{options.prefix}-plan.json"
+    existing = sorted(p for p in out.iterdir() if _shard_re(options.prefix).match(p.name))
+    manifest_is_ours = _manifest_is_ours(out, options.prefix)
     try:
         stored = json.loads(plan_file.read_text()).get("fingerprint") if plan_file.is_file() else None
     except (ValueError, AttributeError):  # left empty or torn by a crash: as if there were none
@@ -449,6 +635,9 @@ def _check_out_folder(source: Source, out: Path, options: WriteOptions, fingerpr
             f"the {len(existing)} {options.prefix}-*.tar file(s) in {out} {why}; pass overwrite=True "
             "(--overwrite) to replace them, or write to another folder"
         )
+    if manifest_is_ours:  # first: an interrupted overwrite must not leave a manifest counting other shards
+        (out / MANIFEST_NAME).unlink()
+        (out / CLASSES_NAME).unlink(missing_ok=True)
     for p in existing:
         p.unlink()
     plan_file.unlink(missing_ok=True)
@@ -458,23 +647,62 @@ class WorkerDiedError(RuntimeError):
     """A shard-writing process was killed; what was finished is kept for the rerun to resume from."""
 
 
+class WriteInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a write: the finished shards are kept (the same call resumes from them), no ``.tmp`` is left."""
+
+    def __init__(self, complete: int, total: int):
+        super().__init__(f"{complete} of {total} shards are complete")
+        self.complete, self.total = complete, total
+
+
+@dataclass
+class WrittenShards(Manifest):
+    """The manifest written, plus the images that could not be resized and were stored as they are (``path:
+    error``; those of the shards written by this call, not of the ones a resumed write kept)."""
+
+    not_resized: list[str] = field(default_factory=list)
+
+
+def _collect(futures: Iterable[Future], results: dict[int, list[str]]) -> None:
+    """Record the shards finished so far (index -> images not resized); errors are raised later, in order."""
+    for future in futures:
+        if future.done() and not future.cancelled() and future.exception() is None:
+            index, failures = future.result()
+            results[index] = failures
+
+
+def _stop_workers(children: set[mp.Process]) -> None:
+    """End the workers now, mid-shard; returns once they are gone. The pool then finds itself broken and fails
+    the shards not started (cancelling them here instead makes Python 3.11's pool raise in its own thread)."""
+    for process in children:
+        process.terminate()
+    for process in children:
+        process.join()
+
+
 def _write_in_workers(
-    jobs: list[tuple[ShardPlan, str, WriteOptions]], workers: int, show: Callable[[int], None]
+    jobs: list[tuple[ShardPlan, str, WriteOptions]],
+    workers: int,
+    show: Callable[[int], None],
+    results: dict[int, list[str]],
 ) -> None:
     """Write the shards in ``workers`` processes, one whole shard per task; ``show`` gets the samples written so far.
 
     A process pool (not ``multiprocessing.Pool``) because a worker that dies (OOM killer, a segfault in a
     decoder) breaks it and fails every pending task at once, where ``Pool`` replaces the worker and waits
     forever for the lost task. As before, a worker's own error is raised once every shard has been tried,
-    so the finished shards stay for the next run to keep.
+    so the finished shards stay for the next run to keep. On Ctrl-C the workers are ended at once.
     """
     ticks = _Ticks(shared=mp.Value("q", 0))
-    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(ticks,))
+    before = set(mp.active_children())
+    pool = ProcessPoolExecutor(workers, initializer=_init_pool_worker, initargs=(ticks,))
+    futures: list[Future] = []
     try:
         futures = [pool.submit(_write_shard, job) for job in jobs]
         pending = set(futures)
         while pending:
-            _, pending = wait(pending, timeout=0.5)
+            done, pending = wait(pending, timeout=0.5)
+            _collect(done, results)
             show(ticks.shared.value)
         for future in futures:  # the first error in shard order
             future.result()
@@ -484,14 +712,60 @@ def _write_in_workers(
             f"with {workers} workers; run again with fewer --workers (or a smaller --resize-long-side). The "
             "shards finished so far are kept and the same command resumes from them"
         ) from exn
+    except KeyboardInterrupt:
+        _stop_workers(set(mp.active_children()) - before)  # the pool's processes (3.14: terminate_workers)
+        _collect(futures, results)
+        raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # also on Ctrl-C: no new shard starts
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_in_process(jobs: list[tuple[ShardPlan, str, WriteOptions]], bar, results: dict[int, list[str]]) -> None:
+    _init_worker(_Ticks(bar=bar))
+    try:
+        for job in jobs:
+            index, failures = _write_shard(job)
+            results[index] = failures
+    finally:
+        _init_worker(_Ticks())
+
+
+def _unfinished(shards: list[ShardPlan], out: Path) -> list[ShardPlan]:
+    """The shards not yet on disk exactly as planned (missing, partial, or holding other samples)."""
+    return [shard for shard in shards if shard_keys(out / shard.name) != [key for key, _ in shard.samples]]
+
+
+def _show_progress(bar, done_before: int, written: int) -> None:
+    bar.update(done_before + written - bar.n)
+
+
+def _interrupted(
+    out: Path, prefix: str, total: int, todo: list[ShardPlan], stale: set[str], results: dict[int, list[str]]
+) -> WriteInterrupted:
+    """After Ctrl-C: the partial shards deleted, and the complete ones counted (on disk: a worker stopped
+    between its rename and its reply has finished its shard too; ``stale`` files were there before)."""
+    _remove_partial_shards(out, prefix)
+    new = [s for s in todo if s.index in results or (s.name not in stale and (out / s.name).exists())]
+    return WriteInterrupted(total - len(todo) + len(new), total)
+
+
+def _warn_not_resized(failures: list[str]) -> None:
+    if failures:
+        log.warning(
+            "%d image(s) could not be resized and were stored as they are (the trainer skips and counts those "
+            "it cannot decode either): %s%s",
+            len(failures), "; ".join(failures[:5]), "; ..." if len(failures) > 5 else "",
+        )  # fmt: skip
 
 
 def write_shards(
     source: Source, out: str | os.PathLike, options: WriteOptions, *, overwrite: bool = False, progress: bool = True
-) -> Manifest:
-    """Write (or finish writing) ``source`` as tar shards in ``out``; returns the manifest written there."""
+) -> WrittenShards:
+    """Write (or finish writing) ``source`` as tar shards in ``out``; returns the manifest written there.
+
+    Raises :class:`WriteInterrupted` (a ``KeyboardInterrupt``) on Ctrl-C, once the workers are stopped and
+    the partial shards deleted.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shards = plan_shards(source.samples, options)
@@ -500,13 +774,10 @@ def write_shards(
     body = {"fingerprint": fingerprint, "shards": len(shards), "samples": len(source.samples)}
     write_atomic(out / f"{options.prefix}-plan.json", json.dumps(body, indent=1))
 
-    todo, done_samples = [], 0
-    for shard in shards:
-        if shard_keys(out / shard.name) == [key for key, _ in shard.samples]:
-            done_samples += len(shard.samples)
-        else:
-            todo.append(shard)
-    if done_samples:
+    todo = _unfinished(shards, out)
+    stale = {shard.name for shard in todo if (out / shard.name).exists()}  # on disk, but not as planned
+    done_samples = len(source.samples) - sum(len(shard.samples) for shard in todo)
+    if len(todo) < len(shards):
         log.info("resuming: %d of %d shards are complete, %d to write", len(shards) - len(todo), len(shards), len(todo))
 
     from tqdm import tqdm
@@ -516,21 +787,22 @@ def write_shards(
         disable=not progress, smoothing=0.05, dynamic_ncols=True,
     )  # fmt: skip
     jobs = [(shard, str(out), options) for shard in todo]
+    results: dict[int, list[str]] = {}  # shard index -> images not resized, for the shards written here
     try:
         if options.workers <= 1 or len(jobs) <= 1:
-            _init_worker(_Ticks(bar=bar))
-            try:
-                for job in jobs:
-                    _write_shard(job)
-            finally:
-                _init_worker(_Ticks())
+            _write_in_process(jobs, bar, results)
         else:
-            _write_in_workers(jobs, min(options.workers, len(jobs)), lambda n: bar.update(done_samples + n - bar.n))
+            show = partial(_show_progress, bar, done_samples)
+            _write_in_workers(jobs, min(options.workers, len(jobs)), show, results)
+    except KeyboardInterrupt as exn:
+        raise _interrupted(out, options.prefix, len(shards), todo, stale, results) from exn
     finally:
         bar.close()
 
-    manifest = Manifest([ShardInfo(s.name, len(s.samples)) for s in shards])
+    failures = [f for index in sorted(results) for f in results[index]]
+    _warn_not_resized(failures)
     if source.classes is not None:
-        (out / "classes.txt").write_text("\n".join(source.classes) + "\n")
-    manifest.save(out)
-    return manifest
+        (out / CLASSES_NAME).write_text("\n".join(source.classes) + "\n", encoding="utf-8", errors="surrogateescape")
+    written = WrittenShards([ShardInfo(s.name, len(s.samples)) for s in shards], not_resized=failures)
+    written.save(out)
+    return written
