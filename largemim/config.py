@@ -212,8 +212,13 @@ def _merge(schema, other, where: str):
         return OmegaConf.merge(schema, other)
     except (ConfigKeyError, ConfigAttributeError) as e:
         raise _unknown_key_error(e.full_key or str(e.key), where) from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"bad value for {e.full_key!r} in {where}: {str(e.msg).splitlines()[0]}") from None
+    except (OmegaConfBaseException, TypeError) as e:
+        # OmegaConf leaves full_key/msg unset for some errors (a tuple of the wrong length): name the
+        # override's key and OmegaConf's own words instead of "None"
+        given = where.split("=", 1)[0].split()[-1].strip("'") if where.startswith("command-line override") else None
+        key = getattr(e, "full_key", None) or given or "a value"
+        text = str(getattr(e, "msg", None) or e).splitlines()[0]
+        raise ConfigError(f"bad value for {key!r} in {where}: {text}") from None
 
 
 # The papers' mask ratios, for a config that names an objective but not its ratio.
@@ -305,6 +310,17 @@ def make_plan(cfg: Config, world_size: int, num_samples: int) -> Plan:
         close = difflib.get_close_matches(m.size, list(VIT_SIZES), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"model.size={m.size!r} is not in the size table ({', '.join(VIT_SIZES)}){hint}")
+    if m.patch_size < 1 or m.img_size < 1:
+        raise ConfigError(f"model.patch_size ({m.patch_size}) and model.img_size ({m.img_size}) must be >= 1")
+    if m.in_chans != 3:
+        raise ConfigError(f"model.in_chans={m.in_chans}: the data pipeline decodes every image to RGB, so it must be 3")
+    if m.decoder_dim % 4 or m.decoder_dim % max(1, m.decoder_heads) or m.decoder_heads < 1:
+        raise ConfigError(
+            f"model.decoder_dim={m.decoder_dim} must be a multiple of 4 (its sin-cos positions) and of "
+            f"model.decoder_heads={m.decoder_heads} (>= 1), e.g. 512 and 16"
+        )
+    if m.grad_ckpt_every < 0:
+        raise ConfigError(f"model.grad_ckpt_every={m.grad_ckpt_every} must be >= 0 (0: off, k: every k-th block)")
     if m.img_size % m.patch_size:
         below = m.img_size // m.patch_size * m.patch_size
         raise ConfigError(
@@ -391,6 +407,8 @@ def make_plan(cfg: Config, world_size: int, num_samples: int) -> Plan:
     steps_per_epoch = micro_per_epoch / grad_accum
     if bool(t.steps) == bool(t.epochs):
         raise ConfigError(f"set exactly one of train.steps ({t.steps}) and train.epochs ({t.epochs})")
+    if t.steps < 0 or t.epochs < 0:
+        raise ConfigError(f"train.steps ({t.steps}) and train.epochs ({t.epochs}) must not be negative")
     total = t.steps if t.steps else max(1, math.ceil(t.epochs * steps_per_epoch))
     if t.warmup_steps and t.warmup_epochs:
         raise ConfigError("set at most one of train.warmup_steps and train.warmup_epochs")

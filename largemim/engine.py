@@ -31,7 +31,9 @@ OWNED_KEYS = {
     "gradient_accumulation_steps": "train.grad_accum",
     "gradient_clipping": "optim.grad_clip",
     "bf16": "train.precision",
+    "bfloat16": "train.precision",  # DeepSpeed's older name for bf16, still read
     "fp16": "train.precision",
+    "amp": "train.precision",
     "torch_autocast": "train.autocast",
     "optimizer": "optim.*",
     "scheduler": "optim.* and train.warmup_*",

@@ -87,6 +87,33 @@ def test_intervals_and_keep_last_are_checked_before_the_run():
     make_plan(_cfg("log.image_every_steps=0", "eval.every_steps=0", "checkpoint.keep_last=1"), 1, 10_000)
 
 
+def test_values_that_would_fail_late_are_refused_naming_their_key(tmp_path):
+    """Review findings: a wrong-length tuple said "bad value for None"; in_chans != 3, decoder heads that do
+    not divide the width, a negative grad_ckpt_every, patch_size 0 and negative steps failed at build time or
+    in the first step, or ran silently wrong; the old "bfloat16" JSON key turned an fp32 run into bf16."""
+    from largemim.engine import load_ds_json
+
+    with pytest.raises(ConfigError, match=r"bad value for 'optim.betas' .*length 1 does not match"):
+        load_config(None, [*BASE, "optim.betas=[0.9]"])
+    for bad, said in (
+        ("model.in_chans=1", "model.in_chans=1: the data pipeline decodes every image to RGB"),
+        (
+            "model.decoder_heads=5",
+            "model.decoder_dim=512 must be a multiple of 4 (its sin-cos positions) and of model.decoder_heads=5",
+        ),
+        ("model.decoder_dim=510", "model.decoder_dim=510 must be a multiple of 4"),
+        ("model.grad_ckpt_every=-1", "model.grad_ckpt_every=-1 must be >= 0"),
+        ("model.patch_size=0", "model.patch_size (0) and model.img_size (224) must be >= 1"),
+        ("train.steps=-5", "train.steps (-5) and train.epochs (0.0) must not be negative"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            make_plan(_cfg(bad), 1, 10_000)
+    legacy = tmp_path / "ds.json"
+    legacy.write_text('{"bfloat16": {"enabled": true}, "zero_optimization": {"stage": 2}}')
+    with pytest.raises(ConfigError, match="'bfloat16' -> train.precision"):
+        load_ds_json(legacy)
+
+
 def test_divergence_advice_names_the_setting_in_force():
     """optim.lr, when set, is the learning rate in force (base_lr is then unused); remedies already in
     place are not suggested."""
