@@ -22,21 +22,17 @@ from PIL import Image
 
 from largemim.data import augment
 from largemim.data.manifest import Manifest
-from largemim.data.shard_writer import (
+from largemim.data.shard_sources import (
     IMAGE_KEYS,
     Member,
     SourceSample,
     UnknownClassError,
-    WriteOptions,
     load_classes,
-    plan_fingerprint,
-    plan_shards,
     scan_folder,
     scan_list,
     scan_tars,
-    shard_keys,
-    write_shards,
 )
+from largemim.data.shard_writer import WriteOptions, plan_fingerprint, plan_shards, shard_keys, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = [sys.executable, str(REPO / "tools" / "make_shards.py")]
@@ -571,7 +567,7 @@ def test_classes_from_the_train_split_number_a_validation_split_alike(image_fold
     classes = load_classes(train / "classes.txt")
     for p in (image_folder / "n02_dog").iterdir():  # the validation split: no dog images
         p.unlink()
-    with caplog.at_level("WARNING", logger="largemim.data.shard_writer"):
+    with caplog.at_level("WARNING", logger="largemim.data.shard_sources"):
         alone = scan_folder(image_folder)
     assert alone.classes == ["n01_cat", "n03_fish"]  # as before, with a warning that says what to do
     assert "'n02_dog'" in caplog.text and "--classes TRAIN_OUT/classes.txt" in caplog.text

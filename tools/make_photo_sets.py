@@ -28,7 +28,8 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from largemim.data.shard_writer import WriteOptions, scan_list, write_shards  # noqa: E402
+from largemim.data.shard_sources import scan_list  # noqa: E402
+from largemim.data.shard_writer import WriteOptions, write_shards  # noqa: E402
 
 WALLPAPERS = Path("/usr/share/wallpapers")
 WALLPAPER_PHOTOS = ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf",

@@ -33,18 +33,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from largemim.data.shard_writer import (  # noqa: E402
-    Source,
-    UnknownClassError,
-    WorkerDiedError,
-    WriteInterrupted,
-    WriteOptions,
-    load_classes,
-    scan_folder,
-    scan_list,
-    scan_tars,
-    write_shards,
-)
+from largemim.data.shard_sources import Source, UnknownClassError, load_classes, scan_folder, scan_list, scan_tars  # noqa: E402
+from largemim.data.shard_writer import WorkerDiedError, WriteInterrupted, WriteOptions, write_shards  # noqa: E402
 from largemim.data.sources import expand_shards  # noqa: E402
 
 
