@@ -325,6 +325,9 @@ def test_consolidate_16bit_run_gives_fp32_masters(runs, stage):
     assert sd.keys() == engine.keys()
     assert all(torch.equal(sd[k].bfloat16().float(), engine[k]) for k in sd)
     assert any(not torch.equal(sd[k], engine[k]) for k in sd)  # more precision than the bf16 copy
+    # the frozen sin-cos tables have no fp32 master: put back exactly, not as their bf16 rounding
+    assert torch.equal(sd["encoder.pos_embed"][0], sincos_2d(128, 8))
+    assert torch.equal(sd["decoder_pos_embed"][0], sincos_2d(sd["decoder_pos_embed"].shape[-1], 8))
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ ZeRO 1-3 keep the fp32 master weights split across the ranks' optimizer shards; 
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -214,8 +215,30 @@ def consolidate(path: str | Path, trust_pickle: bool = False) -> tuple[dict[str,
         log.info("left out run-local training state: %s", ", ".join(dropped))
     # the model's own order; integer buffers (a BEiT tokenizer's id) keep their dtype: fp32 would round them
     sd = {k: _fp32(sd[k]) for k in module if k not in dropped}
+    _exact_sincos(sd)
     log.info("consolidated %d tensors in %.1fs", len(sd), time.time() - t0)
     return sd, arch
+
+
+SINCOS_KEYS = ("encoder.pos_embed", "decoder_pos_embed")  # fixed, frozen: never trained
+
+
+def _exact_sincos(sd: dict[str, torch.Tensor]) -> None:
+    """A 16-bit run's frozen sin-cos tables come out of its checkpoint rounded to bf16/fp16 (a frozen
+    parameter has no fp32 master): they are put back exactly, as every other export of them has them.
+    Only where the saved table is that table, rounded; anything else is left as it is."""
+    from largemim.models.pos_embed import sincos_2d
+
+    for key in SINCOS_KEYS:
+        table = sd.get(key)
+        if table is None or table.ndim != 3 or table.shape[-1] % 4:
+            continue
+        grid = math.isqrt(table.shape[1] - 1)
+        if grid * grid != table.shape[1] - 1:
+            continue
+        exact = sincos_2d(table.shape[-1], grid).unsqueeze(0).to(table.dtype)
+        if not torch.equal(table, exact) and torch.allclose(table, exact, rtol=0, atol=1e-2):
+            sd[key] = exact
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
