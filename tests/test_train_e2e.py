@@ -276,13 +276,24 @@ def test_config_error_exits_2_before_starting(tmp_path, shard_set):
     assert "unknown config key 'optim.lrr'" in proc.stderr and "did you mean 'optim.lr'" in proc.stderr
 
 
-def test_resume_at_another_world_size_through_universal_checkpoint(tmp_path, shard_set):
-    common = [
-        "ds_config=ds_configs/zero2.json", "train.precision=fp32", "train.steps=8", "checkpoint.every_steps=4",
-        "checkpoint.keep_last=5", "train.global_batch=32",
-    ]  # fmt: skip
-    straight = tmp_path / "straight"
-    run_trainer(straight, shard_set, [*common, "train.micro_batch=16"])
+# An uninterrupted 8-step ZeRO-2 fp32 run on 2 ranks, saved at steps 4 and 8: the reference that the resume
+# tests below copy and resume (at another world size, under another ZeRO stage).
+ZERO2_RUN = [
+    "train.precision=fp32", "train.steps=8", "checkpoint.every_steps=4", "checkpoint.keep_last=5",
+    "train.global_batch=32",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def zero2_straight(tmp_path_factory, shard_set):
+    straight = tmp_path_factory.mktemp("zero2_straight") / "run"
+    run_trainer(straight, shard_set, [*ZERO2_RUN, "ds_config=ds_configs/zero2.json", "train.micro_batch=16"])
+    return straight
+
+
+def test_resume_at_another_world_size_through_universal_checkpoint(tmp_path, shard_set, zero2_straight):
+    common = ["ds_config=ds_configs/zero2.json", *ZERO2_RUN]
+    straight = zero2_straight
     full = read_metrics(straight)
     for nproc, micro, extra in ((2, 16, ["checkpoint.load_universal=true"]), (1, 32, ["checkpoint.keep_last=1"])):
         run = tmp_path / f"resumed_{nproc}"
@@ -309,17 +320,13 @@ def test_resume_at_another_world_size_through_universal_checkpoint(tmp_path, sha
                 assert resumed[step]["loss"] == pytest.approx(full[step]["loss"], rel=0.15), step
 
 
-def test_resume_under_another_zero_stage(tmp_path, shard_set):
+def test_resume_under_another_zero_stage(tmp_path, shard_set, zero2_straight):
     """Review finding: a ZeRO-2 checkpoint resumed with a ZeRO-3 ds_config (to fit memory) got "DeepSpeed
     returned nothing", and ZeRO-0 <-> ZeRO-1/2/3 a DeepSpeed traceback (FileNotFoundError, AttributeError).
     Now ZeRO-1/2 -> 3 goes through the universal format (the same trajectory), and ZeRO-0 <-> the others is
     a config error (exit 2) that names both stages and what to do."""
-    common = [
-        "train.precision=fp32", "train.steps=8", "checkpoint.every_steps=4", "checkpoint.keep_last=5",
-        "train.global_batch=32", "train.micro_batch=16",
-    ]  # fmt: skip
-    straight = tmp_path / "straight"
-    run_trainer(straight, shard_set, [*common, "ds_config=ds_configs/zero2.json"])
+    common = [*ZERO2_RUN, "train.micro_batch=16"]
+    straight = zero2_straight
     full = read_metrics(straight)
     run = tmp_path / "zero3"
     shutil.copytree(straight, run)
