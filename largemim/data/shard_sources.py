@@ -153,7 +153,10 @@ def scan_folder(root: str | os.PathLike, classes: list[str] | None = None) -> So
         raise FileNotFoundError(f"image folder {root} does not exist")
     loose = sorted(p for p in root.iterdir() if p.is_file() and _ext_of(p) in IMAGE_KEYS)
     above = _dir_id(root)
-    per_class = {d.name: _images_under(d, above) for d in sorted(p for p in root.iterdir() if p.is_dir())}
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if folders:  # ImageNet over a network file system: a minute or more of listing and stat-ing
+        log.info("scanning %d sub-folders of %s ...", len(folders), root)
+    per_class = {d.name: _images_under(d, above) for d in folders}
     found = [name for name, files in per_class.items() if files]  # folders without images are no class
     if found and loose:
         raise ValueError(

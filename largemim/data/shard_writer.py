@@ -465,6 +465,9 @@ def _write_in_process(jobs: list[tuple[ShardPlan, str, WriteOptions]], bar, resu
 
 def _unfinished(shards: list[ShardPlan], out: Path) -> list[ShardPlan]:
     """The shards not yet on disk exactly as planned (missing, partial, or holding other samples)."""
+    present = [shard for shard in shards if (out / shard.name).is_file()]
+    if present:  # each one's tar headers are read: the time a rerun takes before it writes
+        log.info("checking the %d shards already in %s against the plan ...", len(present), out)
     return [shard for shard in shards if shard_keys(out / shard.name) != [key for key, _ in shard.samples]]
 
 
