@@ -29,6 +29,7 @@ from largemim.signals import held
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
+UNIVERSAL_LAYOUT = 2  # a universal copy loadable under ZeRO-1/2 and ZeRO-3 alike (_either_stage_global_state)
 TAG_RE = re.compile(r"^step_(\d{8})$")
 
 
@@ -65,7 +66,11 @@ def _converted_from(out: Path, meta: dict) -> bool:
         done = read_marker(out)
     except (FileNotFoundError, json.JSONDecodeError):  # not there yet, or being replaced by rank 0
         return False
-    return done.get("saved_at") == meta.get("saved_at") and done.get("world_size") == meta.get("world_size")
+    return (
+        done.get("saved_at") == meta.get("saved_at")
+        and done.get("world_size") == meta.get("world_size")
+        and done.get("layout") == UNIVERSAL_LAYOUT  # older copies lack the files either ZeRO stage needs
+    )
 
 
 @contextmanager
@@ -280,13 +285,13 @@ class Checkpointer:
             fsync_path(Path(root))
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
-        write_atomic(out / MARKER, json.dumps({**meta, "universal": True}))
+        write_atomic(out / MARKER, json.dumps({**meta, "universal": True, "layout": UNIVERSAL_LAYOUT}))
         log.info("converted to %s in %.1fs", out, time.time() - t0)
 
-    def _unloadable(self, folder: Path, error: Exception) -> RuntimeError:
+    def _unloadable(self, source: Path, folder: Path, error: Exception) -> RuntimeError:
         """The error for a checkpoint DeepSpeed cannot read: names it, and how to fall back to the one before."""
         older = [f for _, f in complete_checkpoints(self.dir) if f.name < folder.name]
-        return RuntimeError(_unloadable_message(folder, error, older[-1] if older else None))
+        return RuntimeError(_unloadable_message(source, folder, error, older[-1] if older else None))
 
     def load_latest(self, engine, universal: Path | None = None) -> dict | None:
         """Load the newest complete checkpoint into ``engine`` (through its universal copy if given);
@@ -309,15 +314,17 @@ class Checkpointer:
             )
         except ValueError as e:
             if "number of parameter groups" not in str(e) or universal is not None:
-                raise self._unloadable(folder, e) from e
+                raise
             # ZeRO-3 checkpoints written before largemim put the matrices in a weight-decay group (all of
             # their parameters were in one group): the universal format maps the state by parameter name.
             raise RuntimeError(
                 f"checkpoint {folder} has another number of optimizer parameter groups than this run ({e}); "
                 "resume with checkpoint.load_universal=true, which loads it parameter by parameter"
             ) from None
-        except (OSError, RuntimeError, EOFError, KeyError, AssertionError, pickle.UnpicklingError) as e:
-            raise self._unloadable(folder, e) from e
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            if not _unreadable(e):
+                raise  # not damage (out of memory, a model that changed, ...): DeepSpeed's own error
+            raise self._unloadable(source, folder, e) from e
         if client is None:
             raise RuntimeError(f"checkpoint {source} could not be loaded (DeepSpeed returned nothing); see the log")
         client.setdefault("step", step)
@@ -328,14 +335,23 @@ class Checkpointer:
         return client
 
 
-def _unloadable_message(folder: Path, error: Exception, previous: Path | None) -> str:
-    fallback = (
-        f"remove {folder / MARKER} and the run resumes from the previous complete checkpoint, {previous}"
-        if previous is not None
-        else "there is no older complete checkpoint to fall back to"
-    )
+def _unreadable(error: BaseException) -> bool:
+    """An error that says a checkpoint file is missing, cut short or not a file torch wrote."""
+    if isinstance(error, (EOFError, pickle.UnpicklingError, FileNotFoundError)):
+        return True
+    text = str(error)
+    return any(s in text for s in ("PytorchStreamReader", "central directory", "unexpected EOF", "Ran out of input"))
+
+
+def _unloadable_message(source: Path, folder: Path, error: Exception, previous: Path | None) -> str:
+    if source != folder:  # the universal copy was read: it is made again once removed
+        fallback = f"remove {source} (the run converts {folder} again)"
+    elif previous is not None:
+        fallback = f"remove {folder / MARKER} and the run resumes from the previous complete checkpoint, {previous}"
+    else:
+        fallback = "there is no older complete checkpoint to fall back to"
     return (
-        f"could not load checkpoint {folder} ({type(error).__name__}: {str(error)[:300]}). If its files are "
+        f"could not read checkpoint {source} ({type(error).__name__}: {str(error)[:300]}). If its files are "
         f"damaged (a disk or quota problem while saving, a file removed by hand), {fallback}"
     )
 

@@ -368,7 +368,7 @@ def test_a_damaged_newest_checkpoint_names_the_way_back(tmp_path, shard_set):
     cmd = trainer_cmd(2, [*TINY, f"data.shards={shard_set}", f"run.dir={run}", *common, "train.steps=6"])
     proc = subprocess.run(cmd, cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert f"could not load checkpoint {newest}" in proc.stderr, proc.stderr[-3000:]
+    assert f"could not read checkpoint {newest}" in proc.stderr, proc.stderr[-3000:]
     assert f"remove {newest / 'COMPLETE'} and the run resumes from the previous complete checkpoint" in proc.stderr
     (newest / "COMPLETE").unlink()
     run_trainer(run, shard_set, [*common, "train.steps=6"])

@@ -48,7 +48,13 @@ _lm_install() (
   echo "[setup] installing requirements into $VENV (torch is the big one: about 2 minutes from a local wheel" \
        "cache, longer to download); pip's log: $log"
   # a line every 30 s with pip's latest, so a long download does not look like a hang
-  (while sleep 30; do echo "[setup] still installing: $(tail -n 1 "$log" 2>/dev/null | cut -c 1-100)"; done) &
+  # (its sleep is killed with it: a sleep left behind would hold the output open for up to 30 s)
+  (trap 'kill $nap 2>/dev/null; exit 0' TERM
+   while :; do
+     sleep 30 & nap=$!
+     wait $nap
+     echo "[setup] still installing: $(tail -n 1 "$log" 2>/dev/null | cut -c 1-100)"
+   done) &
   heartbeat=$!
   if ! { "$py" -m pip install -q --upgrade pip &&
          "$py" -m pip install --progress-bar off --no-cache-dir -r "$REPO/requirements.txt" &&

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 # The images one resizes are the huge ones: PIL's default limit (89 M pixels, an error at twice that)
 # refuses a large scan or panorama as a "decompression bomb". JPEGs are draft-decoded at a fraction of that.
-RESIZE_MAX_PIXELS = 2**30
+RESIZE_MAX_PIXELS = 4 * 89_478_485  # 4x PIL's default: 358 M pixels, an error above 716 M (memory per worker)
 
 
 @dataclass(frozen=True)

@@ -229,7 +229,8 @@ def submit(argv: list[str] | None = None):
 
     args = parse_args(argv)
     prep = prepare(args)
-    live = live_jobs(prep.run_dir)
+    # COMPLETING too: a cancelled job's ranks are still saving then
+    live = live_jobs(prep.run_dir, LIVE_STATES | {"COMPLETING", "STAGE_OUT"})
     if live and not args.force:
         listed = ", ".join(f"{j} ({state})" for j, state in live.items())
         raise ConfigError(
@@ -250,12 +251,12 @@ def submit(argv: list[str] | None = None):
 LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "SUSPENDED", "RESIZING"}
 
 
-def live_jobs(run_dir: Path) -> dict[str, str]:
+def live_jobs(run_dir: Path, states_wanted: set[str] = LIVE_STATES) -> dict[str, str]:
     """{job id: state} of the jobs submitted for ``run_dir`` that Slurm still queues or runs."""
     events = chain.read(Path(run_dir) / "slurm")
     ids = list(dict.fromkeys(str(e["job_id"]) for e in events if e.get("event") == "submitted"))
     states = chain.slurm_states(ids) if ids else {}
-    return {j: states[j]["State"] for j in ids if states.get(j, {}).get("State") in LIVE_STATES}
+    return {j: states[j]["State"] for j in ids if states.get(j, {}).get("State") in states_wanted}
 
 
 def cancel(run_dir: Path) -> int:
