@@ -387,7 +387,6 @@ def _either_stage_global_state(zero: Path) -> None:
         return
     # written just now by ds_to_universal from this run's own checkpoint
     state = load_torch(path, trust_pickle=True)
-    params = [d for d in zero.iterdir() if d.is_dir()]
     steps = sorted(zero.glob("*/step.pt"))
     changed = False
     if "optimizer_state_dict" not in state and steps and "param_groups" in state:
@@ -396,7 +395,7 @@ def _either_stage_global_state(zero: Path) -> None:
         changed = True
     if not steps and "optimizer_state_dict" in state:  # a ZeRO-3 source: bare tensors, no step.pt
         step = state["optimizer_state_dict"]["state"][0]["step"]
-        for d in params:
+        for d in (d for d in zero.iterdir() if d.is_dir()):  # one folder per parameter
             for f in d.glob("*.pt"):
                 value = load_torch(f)
                 if torch.is_tensor(value):  # the ZeRO-1/2 load wants {"param": ..., "cat_dim": ...}

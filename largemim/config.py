@@ -207,18 +207,17 @@ def _unknown_key_error(key: str, where: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r} in {where}{hint}")
 
 
-def _merge(schema, other, where: str):
+def _merge(schema, other, where: str, key: str | None = None):
     try:
         return OmegaConf.merge(schema, other)
     except (ConfigKeyError, ConfigAttributeError) as e:
         raise _unknown_key_error(e.full_key or str(e.key), where) from None
     except (OmegaConfBaseException, TypeError) as e:
         # OmegaConf leaves full_key/msg unset for some errors (a tuple of the wrong length): name the
-        # override's key and OmegaConf's own words instead of "None"
-        given = where.split("=", 1)[0].split()[-1].strip("'") if where.startswith("command-line override") else None
-        key = getattr(e, "full_key", None) or given or "a value"
+        # override's key (``key``) and OmegaConf's own words instead of "None"
+        named = getattr(e, "full_key", None) or key or "a value"
         text = str(getattr(e, "msg", None) or e).splitlines()[0]
-        raise ConfigError(f"bad value for {key!r} in {where}: {text}") from None
+        raise ConfigError(f"bad value for {named!r} in {where}: {text}") from None
 
 
 # The papers' mask ratios, for a config that names an objective but not its ratio.
@@ -249,7 +248,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = _parse_value(value)
-        cfg = _merge(cfg, OmegaConf.create(nested), f"command-line override {item!r}")
+        cfg = _merge(cfg, OmegaConf.create(nested), f"command-line override {item!r}", key.strip())
     try:
         result = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:

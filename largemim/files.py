@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -31,9 +33,21 @@ def replace_durably(tmp: Path, path: Path) -> None:
     fsync_path(path.parent)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it, synced and renamed over it: a reader
-    (or a crash) sees the old file or the new one, never a part of it."""
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write the new file to: put in ``path``'s place (durably, see
+    ``replace_durably``) when the block ends, removed if it raises. A reader (or a crash) sees the old
+    file or the new one, never a part of it."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    replace_durably(tmp, path)
+    try:
+        yield tmp
+        replace_durably(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it, synced and renamed over it."""
+    with replacing(path) as tmp:
+        tmp.write_text(text)

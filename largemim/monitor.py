@@ -17,7 +17,7 @@ from largemim.config import Config
 from largemim.data.augment import EvalTransform
 from largemim.distributed import broadcast_from_rank0
 from largemim.evaluation.represent import LabelledSet, check_encoder, load_labelled, pixel_baseline
-from largemim.files import replace_durably, write_atomic
+from largemim.files import replacing, write_atomic
 from largemim.visualize import reconstruction_grid
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,8 @@ class Monitor:
                 log.warning("could not read %s (%s): the pictures use this run's first batch", path, e)
         self.fixed_images = images[:8].cpu()
         if self.rank == 0:
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(self.fixed_images.to(torch.float16), tmp)
-            replace_durably(tmp, path)
+            with replacing(path) as tmp:
+                torch.save(self.fixed_images.to(torch.float16), tmp)
 
     @torch.no_grad()
     def _encode(self, images: torch.Tensor) -> torch.Tensor:

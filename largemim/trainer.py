@@ -78,7 +78,10 @@ def divergence_advice(cfg: Config) -> str:
     return "; ".join(fixes)
 
 
-def _diverged(what: str, ckpt_dir: Path, advice: str = "lower the learning rate") -> TrainingDiverged:
+GENERIC_ADVICE = "lower the learning rate"  # where the config is not at hand (divergence_advice is)
+
+
+def _diverged(what: str, ckpt_dir: Path, advice: str = GENERIC_ADVICE) -> TrainingDiverged:
     """The run stops: ``what`` went inf/NaN. Says which checkpoint a resume starts from and what to change."""
     good = complete_checkpoints(ckpt_dir)
     kept = f"a resume starts from {good[-1][1]}" if good else "there is no checkpoint to resume from"
@@ -93,7 +96,7 @@ def check_fit_to_save(
     skipped: int,
     ckpt_dir: Path,
     device: torch.device,
-    advice: str = "lower the learning rate",
+    advice: str = GENERIC_ADVICE,
 ) -> int:
     """Raise TrainingDiverged (on every rank) if the loss summed over steps ``first``..``step`` or any weight
     is inf/NaN: a checkpoint of a diverged run would be the one every resume starts from. The loss is

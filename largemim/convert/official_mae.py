@@ -17,7 +17,7 @@ import torch
 from largemim.convert.arch import MIMArch, infer_arch
 from largemim.convert.safe_load import load_torch
 from largemim.convert.weights_io import describe, unwrap_state_dict
-from largemim.files import replace_durably
+from largemim.files import replacing
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,7 @@ def save_official(mim_sd: dict[str, torch.Tensor], out: str | Path, epoch: int |
     if epoch is not None:
         payload["epoch"] = epoch
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
+    with replacing(out) as tmp:
         torch.save(payload, tmp)
-        replace_durably(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     load = "checkpoint = torch.load(path, weights_only=True); model.load_state_dict(checkpoint['model'])"
     return {"written": str(out), "weights": describe(sd), "load": load}

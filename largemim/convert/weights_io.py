@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from largemim.convert.arch import METADATA_KEY, MIMArch
 from largemim.convert.safe_load import load_torch
-from largemim.files import fsync_path, replace_durably, shared_mode, write_atomic
+from largemim.files import fsync_path, replacing, shared_mode, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,9 @@ def save_weights(sd: dict[str, torch.Tensor], path: str | Path, arch: MIMArch | 
     """Write ``sd`` to ``path`` (.safetensors, or .pt/.pth/.bin) atomically; returns the path."""
     path = check_weights_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     sd = _unshared(sd)
     side = Path(str(path) + ".json")  # a torch file's architecture; never an older run's
-    try:
+    with replacing(path) as tmp:
         if path.suffix == ".safetensors":
             meta = {"format": "pt"}  # transformers and timm check this key
             if arch is not None:
@@ -72,10 +71,6 @@ def save_weights(sd: dict[str, torch.Tensor], path: str | Path, arch: MIMArch | 
             # the old sidecar goes first: a crash before the new one is written leaves weights that say
             # nothing of their architecture (a clear error when read), never another file's description
             side.unlink(missing_ok=True)
-        replace_durably(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     if path.suffix != ".safetensors" and arch is not None:
         write_atomic(side, arch.to_json())
     return path

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from largemim.config import Config, ConfigError
-from largemim.files import replace_durably, write_atomic
+from largemim.files import replacing, write_atomic
 from largemim.models.vit import ViTEncoder
 from largemim.objectives.pictures import rows, to_pixels
 
@@ -231,9 +231,8 @@ def save_tokenizer(state_dict: dict[str, torch.Tensor], meta: TokenizerMeta, pat
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in weights.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={METADATA_KEY: meta.to_json()})
-    replace_durably(tmp, path)  # synced, and readable by others (safetensors creates its files 0600)
+    with replacing(path) as tmp:  # synced, and readable by others (safetensors creates its files 0600)
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: meta.to_json()})
     write_atomic(Path(str(path) + ".json"), json.dumps(json.loads(meta.to_json()), indent=1) + "\n")
     return path
 
