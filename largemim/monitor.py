@@ -37,8 +37,9 @@ class Monitor:
         self.train_set: LabelledSet | None = None
         self.test_set: LabelledSet | None = None
         if e.train_shards and e.test_shards:
-            self.train_set = load_labelled(e.train_shards, e.train_samples, transform)
-            self.test_set = load_labelled(e.test_shards, e.test_samples, transform)
+            shown = rank == 0  # every rank decodes the same images: one bar
+            self.train_set = load_labelled(e.train_shards, e.train_samples, transform, progress=shown)
+            self.test_set = load_labelled(e.test_shards, e.test_samples, transform, progress=shown)
         self.fixed_images = self.test_set.images[:8].float() if self.test_set is not None else None
         g = torch.Generator().manual_seed(cfg.run.seed + 12345)
         self.fixed_noise = torch.rand(8, (m.img_size // m.patch_size) ** 2, generator=g)

@@ -106,3 +106,26 @@ def test_a_corrupt_eval_image_is_skipped_and_counted_not_a_crash(tmp_path, caplo
     assert len(got.labels) == 11
     assert got.images.dtype == torch.float16  # half the host memory on every rank (3 GB less at 224 px)
     assert "skipped 1 unreadable sample(s)" in caplog.text and f"sample {samples[3]['__key__']!r}" in caplog.text
+
+
+def test_the_eval_decode_shows_progress_on_rank_0_only(tmp_path, capsys):
+    """Review finding: every rank decoded the eval images at start-up (6,000 at 224 px: minutes) with nothing
+    on screen. One bar, rank 0's: the other ranks decode the same images."""
+    from conftest import demo_samples, write_shards
+
+    from largemim.config import load_config
+    from largemim.monitor import Monitor
+
+    pattern = write_shards(tmp_path / "eval", demo_samples("test", 30), [20, 10])
+    cfg = load_config(
+        None,
+        ["data.shards=/x/train-{0..9}.tar", "model.img_size=32", "model.patch_size=8", f"eval.train_shards={pattern}",
+         f"eval.test_shards={pattern}", "eval.train_samples=25", "eval.test_samples=100"],
+    )  # fmt: skip
+    capsys.readouterr()
+    other = Monitor(cfg, None, tmp_path, torch.device("cpu"), rank=1)
+    assert len(other.train_set.labels) == 25 and capsys.readouterr().err == ""
+    Monitor(cfg, None, tmp_path, torch.device("cpu"), rank=0)
+    err = capsys.readouterr().err
+    assert f"decoding {pattern}: 100%" in err and "25/25 [" in err, err
+    assert "30/100 [" in err, err  # the test set holds fewer images than asked for: the count says so

@@ -201,6 +201,31 @@ def test_resume_after_an_interrupted_write(image_folder: Path, tmp_path: Path):
     assert shard_bytes(out) != shard_bytes(reference)
 
 
+def test_the_folder_scan_and_the_resume_check_show_progress(image_folder: Path, tmp_path: Path, capsys):
+    """Review finding: walking ImageNet over network storage and a rerun's check of the finished shards took
+    minutes each with nothing on screen. The walk counts images and folders (its total is unknown)."""
+    (image_folder / "n02_dog" / "more").mkdir()  # a folder below a class folder is read (and counted) too
+    capsys.readouterr()
+    source = scan_folder(image_folder, progress=False)
+    assert capsys.readouterr().err == ""
+    source = scan_folder(image_folder)
+    err = capsys.readouterr().err
+    assert f"scanning {image_folder}: 23img" in err and "folders=5]" in err, err
+    assert f"reading sizes in {image_folder}: 100%" in err and "23/23" in err, err
+
+    out = tmp_path / "out"
+    options = WriteOptions(samples_per_shard=5)
+    write_shards(source, out, options, progress=False)
+    (out / options.shard_name(4)).unlink()  # one shard to write again: 4 of the 5 to check
+    capsys.readouterr()
+    write_shards(source, out, options, progress=False)
+    assert capsys.readouterr().err == ""
+    (out / options.shard_name(4)).unlink()
+    write_shards(source, out, options)
+    err = capsys.readouterr().err
+    assert f"checking {out}: 100%" in err and "4/4 [" in err, err
+
+
 def test_reshard_fashion_mnist_tars(tmp_path: Path):
     urls = [str(FMNIST_TRAIN / f"train-00000{i}.tar") for i in (0, 1)]
     source = scan_tars(urls)
@@ -285,6 +310,7 @@ def test_cli(image_folder: Path, tmp_path: Path):
     run = subprocess.run(cmd + ["--no-progress"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "3 shards, 23 samples" in run.stdout
+    assert "folders=" not in run.stderr and "%|" not in run.stderr, run.stderr  # --no-progress: no bar at all
     assert [s.samples for s in Manifest.load(tmp_path / "cli").shards] == [10, 10, 3]
     again = subprocess.run(cmd + ["--seed", "5", "--no-progress"], capture_output=True, text=True, timeout=120)
     assert again.returncode != 0 and "--overwrite" in again.stderr

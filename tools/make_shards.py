@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded (resized) images")
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="writer processes")
     ap.add_argument("--overwrite", action="store_true", help="replace PREFIX-*.tar of another plan (not inputs)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     return ap
 
 
@@ -82,7 +82,7 @@ def read_source(args: argparse.Namespace) -> Source:
     classes = load_classes(args.classes) if args.classes else None
     try:
         if args.folder:
-            return scan_folder(args.folder, classes)
+            return scan_folder(args.folder, classes, progress=not args.no_progress)
         if args.list:
             return scan_list(args.list, classes)
     except UnknownClassError as exn:

@@ -10,9 +10,11 @@ import logging
 import os
 import re
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from largemim.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +75,10 @@ def _dir_id(path: str | os.PathLike) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _images_under(folder: Path, above: tuple[int, int]) -> list[Path]:
+def _images_under(folder: Path, above: tuple[int, int], read: Callable[[int], None] | None = None) -> list[Path]:
     """Image files under ``folder``, links followed, each folder read once: a link loop (``up -> ..``) or a
-    link back to ``above`` (the folder of all classes) would otherwise repeat the same images without end."""
+    link back to ``above`` (the folder of all classes) would otherwise repeat the same images without end.
+    ``read`` is called after each folder read with the number of images in it."""
     found, seen, revisits = [], {above}, []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         here = _dir_id(dirpath)
@@ -85,7 +88,10 @@ def _images_under(folder: Path, above: tuple[int, int]) -> list[Path]:
             continue
         seen.add(here)
         dirnames.sort()
-        found += [Path(dirpath) / f for f in sorted(filenames) if _ext_of(Path(f)) in IMAGE_KEYS]
+        images = [Path(dirpath) / f for f in sorted(filenames) if _ext_of(Path(f)) in IMAGE_KEYS]
+        found += images
+        if read is not None:
+            read(len(images))
     if revisits:
         log.warning(
             "%s: %d linked folder(s) lead back to a folder already read (%s, ...); read once, not again",
@@ -96,6 +102,27 @@ def _images_under(folder: Path, above: tuple[int, int]) -> list[Path]:
 
 def _file_sample(path: Path, label: int | None) -> SourceSample:
     return SourceSample((Member(_ext_of(path), str(path), path.stat().st_size),), label)
+
+
+def _file_samples(files: list[tuple[Path, int | None]], where: Path, progress: bool) -> list[SourceSample]:
+    """One ``stat`` per image for its size: on a network file system about as long as the walk itself."""
+    with progress_bar(files, enabled=progress, desc=f"reading sizes in {where}", unit="img") as bar:
+        return [_file_sample(path, label) for path, label in bar]
+
+
+def _walk_classes(root: Path, folders: list[Path], progress: bool) -> dict[str, list[Path]]:
+    """Each class folder's images; the bar counts the images found and the folders read (total unknown)."""
+    above = _dir_id(root)
+    with progress_bar(enabled=progress, desc=f"scanning {root}", unit="img") as bar:
+        read = 0
+
+        def count(images: int) -> None:
+            nonlocal read
+            read += 1
+            bar.set_postfix(folders=read, refresh=False)
+            bar.update(images)
+
+        return {d.name: _images_under(d, above, count) for d in folders}
 
 
 class UnknownClassError(ValueError):
@@ -142,21 +169,21 @@ def _warn_empty_folders(root: Path, empty: list[str], classes: list[str]) -> Non
     )  # fmt: skip
 
 
-def scan_folder(root: str | os.PathLike, classes: list[str] | None = None) -> Source:
+def scan_folder(root: str | os.PathLike, classes: list[str] | None = None, *, progress: bool = True) -> Source:
     """ImageNet's layout: one sub-folder per class; or a flat folder, unlabelled.
 
     Labels are indices in ``classes`` when given (every class folder with images must be in it: give the
     train split's list to a validation split), else in the sorted names of the folders that hold images.
+    ``progress`` shows the walk and the sizing on stderr (minutes for ImageNet on network storage).
     """
     root = Path(root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     loose = sorted(p for p in root.iterdir() if p.is_file() and _ext_of(p) in IMAGE_KEYS)
-    above = _dir_id(root)
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     if folders:  # ImageNet over a network file system: a minute or more of listing and stat-ing
         log.info("scanning %d sub-folders of %s ...", len(folders), root)
-    per_class = {d.name: _images_under(d, above) for d in folders}
+    per_class = _walk_classes(root, folders, progress and bool(folders))
     found = [name for name, files in per_class.items() if files]  # folders without images are no class
     if found and loose:
         raise ValueError(
@@ -168,7 +195,7 @@ def scan_folder(root: str | os.PathLike, classes: list[str] | None = None) -> So
             raise ValueError(f"{root} holds no images (looked for {', '.join(IMAGE_KEYS)})")
         if classes is not None:
             raise ValueError(f"{root} has no class sub-folders (its images are unlabelled); leave out the class list")
-        return Source([_file_sample(p, None) for p in loose], None, f"{len(loose)} images in {root}")
+        return Source(_file_samples([(p, None) for p in loose], root, progress), None, f"{len(loose)} images in {root}")
     given = classes is not None
     if not given:
         classes = found
@@ -179,7 +206,7 @@ def scan_folder(root: str | os.PathLike, classes: list[str] | None = None) -> So
     for name in found:
         if name not in index:
             raise UnknownClassError(name, f"class folder {root / name} ({len(per_class[name])} images)")
-    samples = [_file_sample(p, index[name]) for name in found for p in per_class[name]]
+    samples = _file_samples([(p, index[name]) for name in found for p in per_class[name]], root, progress)
     used = f"{len(found)} of {len(classes)}" if given else f"{len(classes)}"
     return Source(samples, classes, f"{len(samples)} images in {used} classes under {root}")
 

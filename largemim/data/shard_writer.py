@@ -42,6 +42,7 @@ from pathlib import Path
 from largemim.data.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from largemim.data.shard_sources import BLOCK, CLASSES_NAME, IMAGE_KEYS, KEY_RE, Member, Source, SourceSample
 from largemim.files import write_atomic
+from largemim.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -463,12 +464,23 @@ def _write_in_process(jobs: list[tuple[ShardPlan, str, WriteOptions]], bar, resu
         _init_worker(_Ticks())
 
 
-def _unfinished(shards: list[ShardPlan], out: Path) -> list[ShardPlan]:
+def _unfinished(shards: list[ShardPlan], out: Path, progress: bool) -> list[ShardPlan]:
     """The shards not yet on disk exactly as planned (missing, partial, or holding other samples)."""
-    present = [shard for shard in shards if (out / shard.name).is_file()]
-    if present:  # each one's tar headers are read: the time a rerun takes before it writes
-        log.info("checking the %d shards already in %s against the plan ...", len(present), out)
-    return [shard for shard in shards if shard_keys(out / shard.name) != [key for key, _ in shard.samples]]
+    present = {shard.name for shard in shards if (out / shard.name).is_file()}
+    if not present:
+        return list(shards)
+    # Each one's tar headers are read: the time a rerun takes before it writes (minutes for ImageNet on NFS).
+    log.info("checking the %d shards already in %s against the plan ...", len(present), out)
+    todo = []
+    with progress_bar(total=len(present), enabled=progress, desc=f"checking {out}", unit="shard") as bar:
+        for shard in shards:
+            keys = None
+            if shard.name in present:
+                keys = shard_keys(out / shard.name)
+                bar.update(1)
+            if keys != [key for key, _ in shard.samples]:
+                todo.append(shard)
+    return todo
 
 
 def _show_progress(bar, done_before: int, written: int) -> None:
@@ -510,17 +522,15 @@ def write_shards(
     body = {"fingerprint": fingerprint, "shards": len(shards), "samples": len(source.samples)}
     write_atomic(out / f"{options.prefix}-plan.json", json.dumps(body, indent=1))
 
-    todo = _unfinished(shards, out)
+    todo = _unfinished(shards, out, progress)
     stale = {shard.name for shard in todo if (out / shard.name).exists()}  # on disk, but not as planned
     done_samples = len(source.samples) - sum(len(shard.samples) for shard in todo)
     if len(todo) < len(shards):
         log.info("resuming: %d of %d shards are complete, %d to write", len(shards) - len(todo), len(shards), len(todo))
 
-    from tqdm import tqdm
-
-    bar = tqdm(
+    bar = progress_bar(
         total=len(source.samples), initial=done_samples, unit="img", desc=f"{options.prefix} -> {out}",
-        disable=not progress, smoothing=0.05, dynamic_ncols=True,
+        enabled=progress, smoothing=0.05,
     )  # fmt: skip
     jobs = [(shard, str(out), options) for shard in todo]
     results: dict[int, list[str]] = {}  # shard index -> images not resized, for the shards written here

@@ -18,6 +18,7 @@ import webdataset as wds
 
 from largemim.data.augment import EvalTransform, image_bytes
 from largemim.data.sources import expand_shards
+from largemim.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +30,10 @@ class LabelledSet:
     labels: torch.Tensor  # (N,) int64
 
 
-def load_labelled(pattern: str, max_samples: int, transform: EvalTransform) -> LabelledSet:
+def load_labelled(pattern: str, max_samples: int, transform: EvalTransform, *, progress: bool = True) -> LabelledSet:
     """The first ``max_samples`` samples of the shards (in shard order): image + ``cls`` label. An
-    undecodable image, a bad label or a damaged tar is skipped, counted and named in one warning."""
+    undecodable image, a bad label or a damaged tar is skipped, counted and named in one warning.
+    ``progress`` shows the decode on stderr (give it to one rank: every rank decodes the same images)."""
     images, labels = [], []
     skipped: list[str] = []
 
@@ -39,19 +41,22 @@ def load_labelled(pattern: str, max_samples: int, transform: EvalTransform) -> L
         skipped.append(str(exn))
         return True
 
-    for sample in wds.tarfile_samples([{"url": u} for u in expand_shards(pattern)], handler=skip):
-        data, cls = image_bytes(sample), sample.get("cls")
-        if data is None or cls is None:
-            continue
-        try:
-            image, label = transform(data), int(cls)
-        except Exception as exn:  # noqa: BLE001 - one bad sample must not stop the run's start-up
-            skipped.append(f"{sample.get('__url__')}: sample {sample.get('__key__')!r}: {exn}")
-            continue
-        images.append(image.half())
-        labels.append(label)
-        if len(images) >= max_samples:
-            break
+    samples = wds.tarfile_samples([{"url": u} for u in expand_shards(pattern)], handler=skip)
+    with progress_bar(total=max_samples, enabled=progress, desc=f"decoding {pattern}", unit="img") as bar:
+        for sample in samples:
+            data, cls = image_bytes(sample), sample.get("cls")
+            if data is None or cls is None:
+                continue
+            try:
+                image, label = transform(data), int(cls)
+            except Exception as exn:  # noqa: BLE001 - one bad sample must not stop the run's start-up
+                skipped.append(f"{sample.get('__url__')}: sample {sample.get('__key__')!r}: {exn}")
+                continue
+            images.append(image.half())
+            labels.append(label)
+            bar.update(1)
+            if len(images) >= max_samples:
+                break
     if skipped:
         log.warning("%s: skipped %d unreadable sample(s) or shard(s), e.g. %s", pattern, len(skipped), skipped[0])
     if not images:
