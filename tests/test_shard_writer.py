@@ -226,9 +226,14 @@ def test_the_folder_scan_and_the_resume_check_show_progress(image_folder: Path, 
     assert f"checking {out}: 100%" in err and "4/4 [" in err, err
 
 
-def test_reshard_fashion_mnist_tars(tmp_path: Path):
+def test_reshard_fashion_mnist_tars(tmp_path: Path, capsys):
     urls = [str(FMNIST_TRAIN / f"train-00000{i}.tar") for i in (0, 1)]
-    source = scan_tars(urls)
+    capsys.readouterr()
+    assert len(scan_tars(urls, progress=False).samples) == 2000
+    assert capsys.readouterr().err == ""
+    source = scan_tars(urls)  # every header of thousands of tars: minutes, so a bar (review finding)
+    err = capsys.readouterr().err
+    assert "reading tar headers: 100%" in err and "2/2 [" in err and "samples=2000]" in err, err
     assert len(source.samples) == 2000
     manifest = write_shards(source, tmp_path / "fm", WriteOptions(samples_per_shard=300, workers=2), progress=False)
     assert [s.samples for s in manifest.shards] == [300] * 6 + [200]
@@ -238,11 +243,18 @@ def test_reshard_fashion_mnist_tars(tmp_path: Path):
     assert all(set(s) == {"__key__", "__url__", "png", "cls"} for s in got)
 
 
-def test_file_list_with_named_and_numbered_labels(image_folder: Path, tmp_path: Path):
+def test_file_list_with_named_and_numbered_labels(image_folder: Path, tmp_path: Path, capsys):
     files = sorted(image_folder.rglob("img_*"))
     named = tmp_path / "named.txt"
     named.write_text("# path<TAB>label\n" + "".join(f"{p}\t{p.parent.name[4:]}\n" for p in files))
-    source = scan_list(named)
+    capsys.readouterr()
+    source = scan_list(named, progress=False)
+    assert capsys.readouterr().err == ""
+    # Review finding: a list of millions of files on network storage was checked and sized in silence.
+    assert scan_list(named).samples == source.samples
+    err = capsys.readouterr().err
+    assert f"checking {named}: 100%" in err and "24/24 [" in err, err  # every line counted, the comment too
+    assert f"reading sizes of the images listed in {named}: 100%" in err and "23/23 [" in err, err
     assert source.classes == ["cat", "dog", "fish"]
     manifest = write_shards(source, tmp_path / "named", WriteOptions(samples_per_shard=10), progress=False)
     assert manifest.total_samples == len(files)
@@ -314,6 +326,12 @@ def test_cli(image_folder: Path, tmp_path: Path):
     assert [s.samples for s in Manifest.load(tmp_path / "cli").shards] == [10, 10, 3]
     again = subprocess.run(cmd + ["--seed", "5", "--no-progress"], capture_output=True, text=True, timeout=120)
     assert again.returncode != 0 and "--overwrite" in again.stderr
+    listing = tmp_path / "list.txt"  # unlabelled: another plan, refused after the list is read
+    listing.write_text("".join(f"{p}\n" for p in sorted(image_folder.rglob("img_*"))))
+    listed = subprocess.run([*TOOL, "--list", str(listing), *cmd[4:], "--no-progress"], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert listed.returncode != 0 and "--overwrite" in listed.stderr, listed.stderr
+    assert "%|" not in listed.stderr, listed.stderr  # --no-progress reaches the --list scan
 
 
 def test_resharding_into_the_source_folder_is_refused(tmp_path: Path):
@@ -328,6 +346,7 @@ def test_resharding_into_the_source_folder_is_refused(tmp_path: Path):
         assert run.returncode != 0
         assert "shard-000000.tar" in run.stderr and "another folder" in run.stderr, run.stderr
         assert "--overwrite" not in run.stderr, "the fix is another folder, never --overwrite"
+        assert "tar headers" not in run.stderr, run.stderr  # --no-progress reaches the --tars scan
         assert {p.name: p.read_bytes() for p in folder.iterdir()} == before, "the source shards must be intact"
 
     # Without a manifest naming them, another prefix in the same folder is also a way out, and the message says so.

@@ -84,10 +84,10 @@ def read_source(args: argparse.Namespace) -> Source:
         if args.folder:
             return scan_folder(args.folder, classes, progress=not args.no_progress)
         if args.list:
-            return scan_list(args.list, classes)
+            return scan_list(args.list, classes, progress=not args.no_progress)
     except UnknownClassError as exn:
         raise ValueError(exn.message(str(args.classes))) from None
-    return scan_tars(tar_urls(args.tars))
+    return scan_tars(tar_urls(args.tars), progress=not args.no_progress)
 
 
 def write_options(args: argparse.Namespace) -> WriteOptions:

@@ -104,9 +104,9 @@ def _file_sample(path: Path, label: int | None) -> SourceSample:
     return SourceSample((Member(_ext_of(path), str(path), path.stat().st_size),), label)
 
 
-def _file_samples(files: list[tuple[Path, int | None]], where: Path, progress: bool) -> list[SourceSample]:
+def _file_samples(files: list[tuple[Path, int | None]], desc: str, progress: bool) -> list[SourceSample]:
     """One ``stat`` per image for its size: on a network file system about as long as the walk itself."""
-    with progress_bar(files, enabled=progress, desc=f"reading sizes in {where}", unit="img") as bar:
+    with progress_bar(files, enabled=progress, desc=desc, unit="img") as bar:
         return [_file_sample(path, label) for path, label in bar]
 
 
@@ -184,6 +184,7 @@ def scan_folder(root: str | os.PathLike, classes: list[str] | None = None, *, pr
     if folders:  # ImageNet over a network file system: a minute or more of listing and stat-ing
         log.info("scanning %d sub-folders of %s ...", len(folders), root)
     per_class = _walk_classes(root, folders, progress and bool(folders))
+    sizes = f"reading sizes in {root}"
     found = [name for name, files in per_class.items() if files]  # folders without images are no class
     if found and loose:
         raise ValueError(
@@ -195,7 +196,8 @@ def scan_folder(root: str | os.PathLike, classes: list[str] | None = None, *, pr
             raise ValueError(f"{root} holds no images (looked for {', '.join(IMAGE_KEYS)})")
         if classes is not None:
             raise ValueError(f"{root} has no class sub-folders (its images are unlabelled); leave out the class list")
-        return Source(_file_samples([(p, None) for p in loose], root, progress), None, f"{len(loose)} images in {root}")
+        samples = _file_samples([(p, None) for p in loose], sizes, progress)
+        return Source(samples, None, f"{len(loose)} images in {root}")
     given = classes is not None
     if not given:
         classes = found
@@ -206,41 +208,46 @@ def scan_folder(root: str | os.PathLike, classes: list[str] | None = None, *, pr
     for name in found:
         if name not in index:
             raise UnknownClassError(name, f"class folder {root / name} ({len(per_class[name])} images)")
-    samples = _file_samples([(p, index[name]) for name in found for p in per_class[name]], root, progress)
+    samples = _file_samples([(p, index[name]) for name in found for p in per_class[name]], sizes, progress)
     used = f"{len(found)} of {len(classes)}" if given else f"{len(classes)}"
     return Source(samples, classes, f"{len(samples)} images in {used} classes under {root}")
 
 
-def _list_rows(list_path: Path) -> list[tuple[int, Path, str | None]]:
-    """(line number, image path, label or None) of each entry; every path an existing image file."""
+def _list_rows(list_path: Path, progress: bool) -> list[tuple[int, Path, str | None]]:
+    """(line number, image path, label or None) of each entry; every path an existing image file. One ``stat``
+    a line: minutes for millions of files on network storage, so ``progress`` counts the lines on stderr."""
     rows = []
-    for n, line in enumerate(list_path.read_text().splitlines(), 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        path, _, label = line.rstrip("\r\n").partition("\t")
-        path = (list_path.parent / path.strip()).resolve()
-        if _ext_of(path) not in IMAGE_KEYS:  # the member's extension is how a reader knows it is an image
-            raise ValueError(
-                f"{list_path}:{n}: {path} is not named as an image (extension {path.suffix or 'none'!r}); list "
-                f"image files only, named .{', .'.join(IMAGE_KEYS)} (any case)"
-            )
-        if not path.is_file():
-            raise FileNotFoundError(f"{list_path}:{n}: no image at {path}")
-        rows.append((n, path, label.strip() or None))
+    lines = list_path.read_text().splitlines()
+    with progress_bar(lines, enabled=progress, desc=f"checking {list_path}", unit="line") as bar:
+        for n, line in enumerate(bar, 1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            path, _, label = line.rstrip("\r\n").partition("\t")
+            path = (list_path.parent / path.strip()).resolve()
+            if _ext_of(path) not in IMAGE_KEYS:  # the member's extension is how a reader knows it is an image
+                raise ValueError(
+                    f"{list_path}:{n}: {path} is not named as an image (extension {path.suffix or 'none'!r}); list "
+                    f"image files only, named .{', .'.join(IMAGE_KEYS)} (any case)"
+                )
+            if not path.is_file():
+                raise FileNotFoundError(f"{list_path}:{n}: no image at {path}")
+            rows.append((n, path, label.strip() or None))
     if not rows:
         raise ValueError(f"{list_path} lists no image")
     return rows
 
 
-def scan_list(list_path: str | os.PathLike, classes: list[str] | None = None) -> Source:
+def scan_list(list_path: str | os.PathLike, classes: list[str] | None = None, *, progress: bool = True) -> Source:
     """One image path per line, optionally ``<TAB>label``; relative paths are relative to the list's folder.
 
     With ``classes``, every label is a class name and its label is the name's index there (give the train
     split's list to a validation split). Without, integer labels are used as they are and other labels
-    are numbered in sorted order (and named in classes.txt).
+    are numbered in sorted order (and named in classes.txt). ``progress`` shows the check of the listed
+    files and the sizing on stderr.
     """
     list_path = Path(list_path).resolve()
-    rows = _list_rows(list_path)
+    rows = _list_rows(list_path, progress)
+    sizes = f"reading sizes of the images listed in {list_path}"
     labelled = [label is not None for _, _, label in rows]
     if any(labelled) and not all(labelled):
         n = labelled.index(not labelled[0]) + 1
@@ -248,17 +255,19 @@ def scan_list(list_path: str | os.PathLike, classes: list[str] | None = None) ->
     if not labelled[0]:
         if classes is not None:
             raise ValueError(f"{list_path} has no labels (path<TAB>class per line); leave out the class list")
-        return Source([_file_sample(p, None) for _, p, _ in rows], None, f"{len(rows)} images listed in {list_path}")
+        samples = _file_samples([(p, None) for _, p, _ in rows], sizes, progress)
+        return Source(samples, None, f"{len(rows)} images listed in {list_path}")
     names = [label for _, _, label in rows]
     if classes is None and all(re.fullmatch(r"-?\d+", s) for s in names):
-        return Source([_file_sample(p, int(s)) for _, p, s in rows], None, f"{len(rows)} images listed in {list_path}")
+        samples = _file_samples([(p, int(s)) for _, p, s in rows], sizes, progress)
+        return Source(samples, None, f"{len(rows)} images listed in {list_path}")
     given = classes is not None
     classes = classes if given else sorted(set(names))
     index = {c: i for i, c in enumerate(classes)}
     for n, _, name in rows:
         if name not in index:
             raise UnknownClassError(name, f"{list_path}:{n}")
-    samples = [_file_sample(p, index[s]) for _, p, s in rows]
+    samples = _file_samples([(p, index[s]) for _, p, s in rows], sizes, progress)
     used = f"{len(set(names))} of {len(classes)}" if given else f"{len(classes)}"
     return Source(samples, classes, f"{len(rows)} images in {used} classes listed in {list_path}")
 
@@ -299,10 +308,18 @@ def _tar_samples(url: str) -> Iterator[SourceSample]:
         raise ValueError(f"{url} is damaged or truncated ({exn}); write it again, or leave it out of --tars") from None
 
 
-def scan_tars(urls: Iterable[str | os.PathLike]) -> Source:
-    """Samples of existing (uncompressed) tar shards, every member kept; grouped by key as WebDataset does."""
+def scan_tars(urls: Iterable[str | os.PathLike], *, progress: bool = True) -> Source:
+    """Samples of existing (uncompressed) tar shards, every member kept; grouped by key as WebDataset does.
+
+    Every header of every tar is read (thousands of tars on network storage: minutes); ``progress`` counts
+    the tars read, and the samples found so far, on stderr.
+    """
     urls = [str(Path(u).resolve()) for u in urls]
-    samples = [s for url in urls for s in _tar_samples(url)]
+    samples = []
+    with progress_bar(urls, enabled=progress, desc="reading tar headers", unit="tar") as bar:
+        for url in bar:
+            samples += _tar_samples(url)
+            bar.set_postfix(samples=len(samples), refresh=False)
     if not samples:
         raise ValueError(f"the {len(urls)} tar(s) given hold no sample")
     classes = None
