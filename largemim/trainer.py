@@ -18,7 +18,7 @@ from largemim.data.device_decode import DeviceDecodeAugment, EncodedImages
 from largemim.data.fast_decode import FastTrainAugment
 from largemim.data.sources import expand_shards, manifest_counts, sample_counts, split_sets
 from largemim.data.stream import StreamSpec, build_train_loader, check_exact_split
-from largemim.distributed import DistEnv
+from largemim.distributed import DistEnv, broadcast_from_rank0
 from largemim.engine import build_engine, build_model, load_ds_json, reapply_optim_config, zero_stage
 from largemim.flops import peak_tflops, train_flops_per_image
 from largemim.health import TrainingDiverged, nonfinite_parameters
@@ -166,16 +166,31 @@ def _choose_grad_ckpt(cfg: Config, ds_json: dict, env: DistEnv) -> None:
     )  # fmt: skip
 
 
+def _shard_counts(urls: list[str], need_all: bool, rank: int) -> dict[str, int]:
+    """Samples per shard from the manifests, all of them where the epoch length comes from them
+    (``need_all``). Read on rank 0 and sent to the others: a remote manifest that one rank could not
+    fetch would otherwise have that rank deal its data another way than the rest."""
+    box: list = [None]
+    if rank == 0:
+        try:
+            box[0] = sample_counts(urls) if need_all else manifest_counts(urls)
+        except (OSError, ValueError) as e:
+            box[0] = f"{e}"
+    broadcast_from_rank0(box)
+    if isinstance(box[0], str):
+        raise ConfigError(box[0])
+    return box[0]
+
+
 def train(cfg: Config, env: DistEnv) -> dict:
     """Run (or resume) the configured training to its end or to a stop request. Returns a summary."""
     sets = [expand_shards(pattern) for pattern in split_sets(cfg.data.shards)]
     urls = [u for s in sets for u in s]
-    # samples per shard (each manifest read once): all of them when the epoch length comes from them
-    expected = manifest_counts(urls) if cfg.data.num_samples else sample_counts(urls)
+    expected = _shard_counts(urls, need_all=not cfg.data.num_samples, rank=env.rank)
     num_samples = cfg.data.num_samples or sum(expected[u] for u in urls)
     plan = make_plan(cfg, env.world_size, num_samples)
     lanes = cfg.data.lanes or max(1, cfg.data.workers)  # sample streams per rank (see data/stream.py)
-    counted = all(u in expected for u in urls)  # every shard's sample count known (local, manifests)
+    counted = all(u in expected for u in urls)  # every shard's sample count known (the manifests)
     if cfg.data.sampling == "exact" and not counted:  # whole shards are dealt
         try:
             check_exact_split(len(urls), env.world_size, lanes)
@@ -221,6 +236,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
         "shuffle_buffer": cfg.data.shuffle_buffer,
         # the mixing weights in force: the default follows sample counts where all are known (data/stream.py)
         "weights": list(cfg.data.weights) or ("samples" if counted else "shards"),
+        "counted": counted,  # exact deals and the default weights follow the sample counts where all are known
     }
     client = ckpt.load_latest(engine, universal)
     start = 0
@@ -232,7 +248,10 @@ def train(cfg: Config, env: DistEnv) -> dict:
         # keys a checkpoint of an older largemim lacks are not compared (they would all look changed)
         changed = {k: (saved[k], v) for k, v in data_state.items() if k in saved and saved[k] != v}
         if changed:
-            log.warning("data settings changed since the checkpoint %s: the batch stream will differ", changed)
+            why = ""
+            if "counted" in changed:
+                why = " (the shards' sample counts were " + ("read" if counted else "not all read: see above") + ")"
+            log.warning("data settings changed since the checkpoint %s%s: the batch stream will differ", changed, why)
     ga = plan.grad_accum
     advice = divergence_advice(cfg)
     # undecodable samples skipped by all ranks before this start (saved with each checkpoint)

@@ -236,3 +236,16 @@ def test_mask_ratio_defaults_to_the_objectives_own(name, ratio, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"objective:\n  name: {name}\n  mask_ratio: 0.5\n")
     assert load_config(recipe, [data]).objective.mask_ratio == 0.5
+
+
+def test_shard_counts_that_cannot_be_read_are_a_config_error(tmp_path):
+    """The trainer reads the manifests on rank 0 (and sends them to the others): a set whose epoch length
+    needs them and that has none is one config line, not a traceback."""
+    from largemim.trainer import _shard_counts
+
+    with pytest.raises(ConfigError, match="cannot count the samples of shards such as 'pipe:cat /x.tar'"):
+        _shard_counts(["pipe:cat /x.tar"], need_all=True, rank=0)
+    assert _shard_counts(["pipe:cat /x.tar"], need_all=False, rank=0) == {}  # data.num_samples set
+    (tmp_path / "a.tar").write_bytes(b"")
+    with pytest.raises(ConfigError, match="no shard manifest at .*set data.num_samples"):
+        _shard_counts([str(tmp_path / "a.tar")], need_all=True, rank=0)

@@ -3,6 +3,7 @@ import http.server
 import io
 import itertools
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -23,7 +24,8 @@ from conftest import demo_samples, write_shards
 from largemim.data.augment import TrainAugment
 from largemim.data.fast_decode import FastTrainAugment
 from largemim.data.readers import open_shard
-from largemim.data.sources import count_samples, expand_shards, manifest_counts
+from largemim.data.shuffle import ShuffleBuffer
+from largemim.data.sources import count_samples, expand_shards, manifest_counts, sample_counts
 from largemim.data.stream import ShardStream, StreamSpec, build_train_loader, check_exact_split
 
 AUG = FastTrainAugment(16, (0.2, 1.0))
@@ -43,8 +45,8 @@ def spec(
     lanes=0,
     counts=True,
 ):
-    """``counts``: the manifests' sample counts, as the trainer passes them (local shards only; exact mode
-    without them deals whole shards, as for remote ones)."""
+    """``counts``: the manifests' sample counts, as the trainer passes them (exact mode without them deals
+    whole shards, as for shards without a manifest)."""
     sets = sets or (tuple(urls),)
     counts = manifest_counts([u for s in sets for u in s]) if counts else {}
     return StreamSpec(
@@ -397,7 +399,7 @@ def test_http_shards_stream_through_a_shielded_curl(shard_set):
             os.kill(reader.proc.pid, sig)
         assert reader.stream.read() == Path(urls[0]).read_bytes()
         reader.finish()  # exit status 0
-        plain, fetched = take(urls, 4, world=1, counts=False), take(web, 4, world=1)
+        plain, fetched = take(urls, 4, world=1), take(web, 4, world=1)  # both counted (manifests)
         assert all(torch.equal(a.images, b.images) for a, b in zip(plain, fetched, strict=True))
         assert sum(b.skipped for b in fetched) == 0
     finally:
@@ -439,7 +441,7 @@ def test_a_stalled_http_transfer_is_restarted_not_spliced(shard_set, monkeypatch
     try:
         web = f"http://127.0.0.1:{server.server_port}/{Path(url).name}"
         plain = list(ShardStream(spec([url], world=1), AUG)._samples_of(iter([(url, 0, None)]), set()))
-        stream = ShardStream(spec([web], world=1, sampling="resampled"), AUG)
+        stream = ShardStream(spec([web], world=1, sampling="resampled", counts=False), AUG)
         got = list(stream._samples_of(iter([(web, 0, None)]), set()))
     finally:
         release.set()
@@ -585,3 +587,166 @@ def test_sets_mix_by_sample_count_unless_weighted(shard_set):
     sets = [urls[:1], urls[1:]]
     assert ShardStream(spec(urls, sampling="resampled", sets=sets), AUG)._set_sizes() == [200, 440]
     assert ShardStream(spec(urls, sampling="resampled", sets=sets, counts=False), AUG)._set_sizes() == [1, 4]
+
+
+def test_the_shuffle_buffer_draws_as_webdatasets():
+    """ShuffleBuffer holds webdataset's buffer state in the open: the same draws, so streams are unchanged."""
+    for n in (0, 1, 5, 39, 40, 41, 200):
+        for size in (1, 2, 7, 40):
+            ref = wds.filters._shuffle(iter(range(n)), bufsize=size, initial=size, rng=random.Random(n * size))
+            ours = ShuffleBuffer(size, random.Random(n * size)).run(iter(range(n)))
+            assert list(ours) == list(ref), (n, size)
+
+
+class _Counting(ShardStream):
+    """Counts the samples its reads go through, the heads read past without decoding included."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.parsed = 0
+
+    def _shard_samples(self, url, first=0, stop=None, dead=None, count=True):
+        self.parsed += first  # a read starts at the shard's head
+        for sample in super()._shard_samples(url, first, stop, dead, count):
+            self.parsed += 1
+            yield sample
+
+
+def _keys(samples) -> list:
+    return [s["__key__"] if not s.get("__missing__") else None for s in samples]
+
+
+@pytest.mark.parametrize("sampling", ["exact", "resampled"])
+def test_a_resumed_lane_reads_back_its_buffer_not_its_epoch(tmp_path, sampling):
+    """Resuming a lane at its 1600th sample: with the manifests' counts, the shuffle buffer is rebuilt from
+    positions and only its samples are read back (a few shards' worth), not the 1600 before it; without
+    counts (remote shards) the lane replays them. Both give the uninterrupted stream."""
+    urls = expand_shards(write_shards(tmp_path, demo_samples("train", 1800), [75] * 24))
+    kw = dict(world=1, per_epoch=225, sampling=sampling)
+    full = _keys(itertools.islice(ShardStream(spec(urls, **kw), AUG)._raw_samples(0, 0, 1), 1800))
+    for skip in (1, 30, 1600):
+        for counts in (True, False):
+            stream = _Counting(spec(urls, counts=counts, **kw), AUG)
+            got = _keys(itertools.islice(stream._raw_samples(0, 0, 1, skip), 150))
+            assert got == full[skip : skip + 150], (skip, counts)
+            if skip == 1600:
+                if counts:
+                    assert stream.parsed < 1600 / 3, stream.parsed
+                else:
+                    assert stream.parsed >= 1600 + 150, stream.parsed
+
+
+def test_a_resumed_lane_mixing_sets_gives_the_uninterrupted_stream(shard_set):
+    urls = expand_shards(shard_set)
+    sets = (tuple(urls[:2]), tuple(urls[2:]))
+    kw = dict(world=1, per_epoch=80, sampling="resampled", sets=sets, weights=(0.7, 0.3))
+    full = _keys(itertools.islice(ShardStream(spec(urls, **kw), AUG)._raw_samples(0, 0, 1), 600))
+    for skip in (1, 57, 450):
+        got = _keys(itertools.islice(ShardStream(spec(urls, **kw), AUG)._raw_samples(0, 0, 1, skip), 100))
+        assert got == full[skip : skip + 100], skip
+
+
+def test_a_buffered_sample_lost_since_the_interruption_is_counted_and_its_place_kept(tmp_path):
+    """A shard deleted between the interruption and the resume: the buffer's samples from it are counted as
+    lost and hold their places (their batches fill them as undecodable ones), so the rest of the stream is
+    the uninterrupted one."""
+    sizes = [10] * 40
+    urls = expand_shards(write_shards(tmp_path, demo_samples("train", 400), sizes))
+    kw = dict(world=1, per_epoch=50, sampling="exact")
+    stream = ShardStream(spec(urls, **kw), AUG)
+    full = list(itertools.islice(stream._raw_samples(0, 0, 1), 400))
+    position = {}  # key -> place in the lane's input (exact mode: the deal's parts, in order)
+    for url, first, stop in stream.parts_for(0, 0, 1):
+        for sample in itertools.islice(stream._shard_samples(url), first, stop):
+            position[sample["__key__"]] = len(position)
+    skip = 200
+    oldest = min(full[skip : skip + 39], key=lambda s: position[s["__key__"]])  # buffered long before the resume
+    assert position[oldest["__key__"]] < skip - 10
+    lost = oldest["__url__"]
+    os.remove(lost)
+    resumed = ShardStream(spec(urls, **kw), AUG)
+    got = list(itertools.islice(resumed._raw_samples(0, 0, 1, skip), 200))  # the rest of the pass
+    gone = [i for i, s in enumerate(got) if s.get("__missing__")]
+    assert gone and resumed._errors.count == len(gone)  # each counted once
+    assert all(full[skip + i]["__url__"] == got[i]["__url__"] == lost for i in gone)
+    assert [s["__key__"] for i, s in enumerate(got) if i not in gone] == [
+        s["__key__"] for i, s in enumerate(full[skip:]) if i not in gone
+    ]
+    batches = take(urls, 5, start=skip // 8, **kw)  # whole batches, the lost places filled
+    assert [b.index for b in batches] == list(range(25, 30)) and all(b.images.shape[0] == 8 for b in batches)
+
+
+@contextlib.contextmanager
+def _served(root: Path):
+    """A local web server for ``root``'s files: remote shards over real HTTP (curl)."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+
+
+def test_remote_shards_are_counted_from_the_manifest_next_to_them(tmp_path):
+    """The manifest make_shards wrote is fetched from the shards' remote folder with their own reader:
+    remote sets get epochs from their counts, exact deals and a resume that reads back only the buffer."""
+    folder = tmp_path / "set"
+    local = expand_shards(write_shards(folder, demo_samples("train", 1800), [75] * 24))
+    with _served(tmp_path) as site:
+        web = [f"{site}/set/{Path(u).name}" for u in local]
+        assert sample_counts(web) == {w: 75 for w in web} and count_samples(web) == 1800
+        kw = dict(world=1, per_epoch=225, sampling="exact")
+        full = _keys(itertools.islice(ShardStream(spec(local, **kw), AUG)._raw_samples(0, 0, 1), 1750))
+        stream = _Counting(spec(web, **kw), AUG)
+        assert stream.spec.expected == sample_counts(web)
+        got = _keys(itertools.islice(stream._raw_samples(0, 0, 1, 1600), 150))
+        assert got == full[1600:] and stream.parsed < 1600 / 3
+        os.remove(folder / "manifest.json")
+        assert manifest_counts(web) == {}  # read without counts (whole shards dealt, resume replays)
+        with pytest.raises(ValueError, match=r"samples of the shards in http://.*/set: .*status 22.*manifest\.json"):
+            sample_counts(web)
+
+
+def _fake_aws(tmp_path, monkeypatch, script: str) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "aws").write_text("#!/bin/sh\n" + script)
+    (fake / "aws").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+
+
+def test_a_remote_manifest_that_cannot_be_fetched_names_the_readers_message(tmp_path, monkeypatch):
+    from largemim.data import remote_manifest
+
+    monkeypatch.setattr(remote_manifest, "FETCH_ATTEMPTS", 2)
+    _fake_aws(tmp_path, monkeypatch, 'echo "An error occurred (404): Not Found" >&2\nexit 1\n')
+    with pytest.raises(ValueError, match=r"s3://b/p: the reader exited with status 1: An error occurred \(404\)"):
+        sample_counts(["s3://b/p/train-0.tar"])
+    assert manifest_counts(["s3://b/p/train-0.tar"]) == {}  # with data.num_samples: read without counts
+    for url in ("pipe:cat /x.tar", "https://h/p/t.tar?X-Amz-Signature=ab/cd", "hf://datasets/o/d/t.tar"):
+        assert remote_manifest.manifest_folder(url) is None  # no folder, or a reader that cannot be timed out
+        with pytest.raises(ValueError, match=r"cannot count the samples of shards such as .*set data.num_samples"):
+            sample_counts([url])
+
+
+def test_a_remote_manifest_fetch_is_retried_and_timed_out(tmp_path, monkeypatch):
+    from largemim.data import remote_manifest
+
+    body = '{"format": "largemim-shards/1", "shards": [{"url": "train-0.tar", "samples": 7}]}'
+    flag = tmp_path / "failed-once"
+    fail_once = f"[ -e {flag} ] || {{ touch {flag}; echo 'HTTP 503' >&2; exit 1; }}\n"
+    _fake_aws(tmp_path, monkeypatch, fail_once + f"echo '{body}'\n")
+    assert sample_counts(["s3://b/p/train-0.tar"]) == {"s3://b/p/train-0.tar": 7} and flag.exists()
+    _fake_aws(tmp_path, monkeypatch, "exec sleep 30\n")
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="no answer in 1 s"):
+        remote_manifest.fetch_text("s3://b/p/manifest.json", timeout_s=0.6)
+    assert time.monotonic() - started < 10

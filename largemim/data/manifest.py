@@ -48,12 +48,19 @@ class Manifest:
         if path.is_dir():
             path = path / MANIFEST_NAME
         try:
-            body = json.loads(path.read_text())
+            text = path.read_text()
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"no shard manifest at {path}; write shards with tools/make_shards.py (it writes one), "
                 "or set data.num_samples in the config"
             ) from None
+        return cls.parse(text, path)
+
+    @classmethod
+    def parse(cls, text: str, path: str | os.PathLike) -> Manifest:
+        """A manifest's text, read from ``path`` (named in the errors)."""
+        try:
+            body = json.loads(text)
         except ValueError as e:
             raise ValueError(f"{path} is not valid JSON ({e}); write it again with tools/make_shards.py") from None
         if not isinstance(body, dict) or body.get("format") != MANIFEST_FORMAT:

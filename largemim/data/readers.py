@@ -73,9 +73,9 @@ class ShardReader:
             self.proc.wait()
 
 
-def _start(argv: list[str], bufsize: int) -> ShardReader:
+def _start(argv: list[str], bufsize: int, stderr: IO | None) -> ShardReader:
     with held(STEP_SIGNALS):
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, bufsize=bufsize)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, bufsize=bufsize)
     return ShardReader(proc.stdout, proc)
 
 
@@ -93,13 +93,15 @@ _COMMANDS = {
 READER_SCHEMES = tuple(_COMMANDS)
 
 
-def open_shard(url: str, bufsize: int = 1 << 16) -> ShardReader:
-    """Open a shard for reading; a reader process's exit status is checked by :meth:`ShardReader.finish`."""
+def open_shard(url: str, bufsize: int = 1 << 16, stderr: IO | None = None) -> ShardReader:
+    """Open a shard for reading; a reader process's exit status is checked by :meth:`ShardReader.finish`.
+    ``stderr``: where a reader process's messages go (default: the rank's stderr)."""
     if url.startswith("pipe:"):
-        return _start([_SHELL, "-c", _IGNORE_STEP_SIGNALS + url[5:]], bufsize)
+        return _start([_SHELL, "-c", _IGNORE_STEP_SIGNALS + url[5:]], bufsize, stderr)
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in _COMMANDS:
-        return _start([_SHELL, "-c", _IGNORE_STEP_SIGNALS + 'exec "$0" "$@"', *_COMMANDS[scheme](url)], bufsize)
+        argv = [_SHELL, "-c", _IGNORE_STEP_SIGNALS + 'exec "$0" "$@"', *_COMMANDS[scheme](url)]
+        return _start(argv, bufsize, stderr)
     if scheme and scheme != "file":  # one only webdataset knows (hf://): its curl inherits the blocked signals
         with held(STEP_SIGNALS):
             return ShardReader(gopen(url, bufsize=bufsize))

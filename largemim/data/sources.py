@@ -10,6 +10,7 @@ from webdataset.gopen import gopen_schemes
 
 from largemim.data.manifest import MANIFEST_NAME, Manifest
 from largemim.data.readers import READER_SCHEMES
+from largemim.data.remote_manifest import manifest_folder, remote_counts
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ def expand_shards(pattern: str) -> list[str]:
 
 
 def manifest_counts(urls: list[str], strict: bool = False) -> dict[str, int]:
-    """Samples per shard, for the local shards whose folder's manifest lists them. ``strict``: a folder
+    """Samples per shard, for the shards whose folder's manifest lists them: a local folder's
+    ``manifest.json``, or a remote one's (:mod:`largemim.data.remote_manifest`). ``strict``: a folder
     without a readable manifest is an error (else its shards are left out)."""
     counts: dict[str, int] = {}
     for folder in sorted({str(Path(u).parent) for u in urls if is_local(u)}):
@@ -66,7 +68,8 @@ def manifest_counts(urls: list[str], strict: bool = False) -> dict[str, int]:
             continue
         for s in manifest.shards:
             counts[str(Path(folder) / s.url)] = s.samples
-    return {u: counts[str(Path(u))] for u in urls if is_local(u) and str(Path(u)) in counts}
+    found = {u: counts[str(Path(u))] for u in urls if is_local(u) and str(Path(u)) in counts}
+    return {**found, **remote_counts(urls, strict)}
 
 
 def count_samples(urls: list[str]) -> int:
@@ -76,10 +79,14 @@ def count_samples(urls: list[str]) -> int:
 
 
 def sample_counts(urls: list[str]) -> dict[str, int]:
-    """Samples per shard from the manifest(s) in their folders; raises if a shard is remote or unlisted."""
-    remote = [u for u in urls if not is_local(u)]
-    if remote:
-        raise ValueError(f"cannot count the samples of remote shards such as {remote[0]!r}: set data.num_samples")
+    """Samples per shard from the manifest(s) in their folders; raises if a shard's folder has no readable
+    manifest, or none is read for it (:mod:`largemim.data.remote_manifest`), or it is not listed."""
+    uncounted = [u for u in urls if not is_local(u) and manifest_folder(u) is None]
+    if uncounted:
+        raise ValueError(
+            f"cannot count the samples of shards such as {uncounted[0]!r} (pipe: commands, URLs with a query and "
+            "schemes only webdataset reads have no manifest read): set data.num_samples"
+        )
     counts = manifest_counts(urls, strict=True)
     unknown = [u for u in urls if u not in counts]
     if unknown:

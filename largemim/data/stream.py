@@ -11,7 +11,9 @@ by (seed, epoch, rank, lane[, sample]), so a batch's content is a function of th
 ``W`` workers in turn, starting with worker 0, so worker ``w`` serves batches ``start + w + kW``; with
 ``W`` dividing ``L`` these are exactly the batches of lanes ``(start + w) % W (mod W)``, so each lane is
 read by one worker only. Resuming at micro-batch ``start`` restarts each lane at its own next batch,
-skipping the samples it had consumed without decoding them; with ``data.lanes`` set, a run may resume
+without reading the samples it had consumed where the manifests give each shard's count (the
+shuffle buffer is rebuilt from sample positions and only its samples are read back:
+:mod:`largemim.data.shuffle`), else reading past them without decoding; with ``data.lanes`` set, a run may resume
 with any number of workers that divides it.
 
 Two ways to choose shards (``data.sampling``):
@@ -44,6 +46,7 @@ truncated; an undecodable member is skipped and counted.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import random
@@ -61,6 +64,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from largemim.data.augment import TrainAugment, image_bytes
 from largemim.data.device_decode import EncodedImages
 from largemim.data.readers import ReaderFailed, open_shard
+from largemim.data.shuffle import ENDLESS, Part, ShuffleBuffer, fast_forward
 from largemim.data.sources import is_local
 
 log = logging.getLogger(__name__)
@@ -201,16 +205,20 @@ class ShardStream(IterableDataset):
 
     def _samples_of(self, parts: Iterator[tuple[str, int, int | None]], dead: set) -> Iterator[dict]:
         """The samples of each (url, first, stop) range in turn. ``dead``: the ranges that gave nothing,
-        one lane's for one epoch (so a resumed lane, which replays its epoch, marks the same ones): passed
-        over without another try, and not counted again; an outage while a remote shard is opened costs
-        that range one epoch, not the run."""
+        one lane's for one epoch: passed over without another try, and not counted again; an outage while
+        a remote shard is opened costs that range one epoch, not the run. (A resumed lane knows only those
+        it met since the resume: with damaged data its later passes may try the others again.)"""
         for part in parts:
             if part in dead:
                 continue
             yield from self._shard_samples(*part, dead=dead)
 
+    def _read_back(self, url: str, first: int, stop: int) -> Iterator[dict]:
+        """A resumed lane's buffered samples (:func:`fast_forward` counts the ones it cannot read)."""
+        return self._shard_samples(url, first, stop, count=False)
+
     def _shard_samples(
-        self, url: str, first: int = 0, stop: int | None = None, dead: set | None = None
+        self, url: str, first: int = 0, stop: int | None = None, dead: set | None = None, count: bool = True
     ) -> Iterator[dict]:
         """Samples ``first`` to ``stop`` (None: the end) of one shard, in order; the ones before ``first``
         are read past without decoding. A failing read (a ``pipe:`` command or curl that cannot start,
@@ -220,7 +228,7 @@ class ShardStream(IterableDataset):
         off between two members of a sample never gives that sample half-made. A damaged tar (not an I/O
         error) is not read again. What could not be read is skipped with one warning and counted (the
         samples of the range the manifest says are missing, else one); a range that gave no sample is
-        added to ``dead``."""
+        added to ``dead``. ``count`` False: a failure is logged, not counted."""
         attempts = max(1, self.spec.open_retries)
         expected = self.spec.expected.get(url)
         limit = stop if stop is not None else expected  # the samples this read should end with
@@ -269,16 +277,17 @@ class ShardStream(IterableDataset):
             finally:
                 if reader is not None:
                     reader.abandon()  # stopped early (failure, or the lane moved on): end the reader now
+        report = self._errors.add if count else lambda _, message: log.warning("%s", message)
         if error is not None:
             missing = limit - given if limit is not None and limit > given else 1
             where = (
                 f"samples {first}-{limit or 'end'}: read {given - first}" if first or stop else f"read {given} samples"
             )
-            self._errors.add(missing, f"shard {url} ({where}, then failed: {error}); the rest is skipped")
+            report(missing, f"shard {url} ({where}, then failed: {error}); the rest is skipped")
             if given == first and dead is not None:
                 dead.add((url, first, stop))
         elif limit is not None and given < limit:
-            self._errors.add(
+            report(
                 limit - given,
                 f"shard {url} ends after {read} of the {expected} samples its manifest lists: the "
                 "file is truncated (rewrite it with tools/make_shards.py)",
@@ -292,22 +301,33 @@ class ShardStream(IterableDataset):
         while True:
             yield urls[rng.randrange(len(urls))]
 
-    def _exact_samples(self, epoch: int, lane: int, lanes: int) -> Iterator[dict]:
+    def _exact_samples(self, epoch: int, lane: int, lanes: int, skip: int = 0) -> Iterator[dict]:
         """Exact mode: the lane's deal, read in a seeded order and shuffled one pass at a time, then again in
         a new order if the lane runs short. The buffer drains at the end of each pass, so a re-read sample
-        never takes the place of one not yet read; endless."""
+        never takes the place of one not yet read; endless. From the ``skip``-th sample on: the first
+        pass is fast-forwarded where the counts are known, else the samples before it are read past."""
         s = self.spec
         parts = self.parts_for(epoch, lane, lanes)
-        fallback, dead = False, set()
+        fallback, dead, drop = False, set(), skip
         for cycle in range(1 << 30):
             order = list(parts)
             if cycle:  # the first pass keeps the deal's order, so neighbouring lanes' reads rarely overlap
                 random.Random(f"{s.seed}-cycle-{epoch}-{s.rank}-{lane}-{cycle}").shuffle(order)
             rng = random.Random(f"{s.seed}-shuffle-{epoch}-{s.rank}-{lane}" + (f"-{cycle}" if cycle else ""))
-            read = 0
+            buffer, read = ShuffleBuffer(s.shuffle_buffer, rng), 0
             samples = self._samples_of(iter(order), dead)
-            for sample in wds.filters._shuffle(samples, bufsize=s.shuffle_buffer, initial=s.shuffle_buffer, rng=rng):
+            if drop and not cycle and self._counted([u for u, _, _ in order]):
+                total = sum(map(self._part_size, order))
+                if drop < total:  # always, unless the manifests undercount the deal
+                    sources = [functools.partial(iter, order)]
+                    read, lost = self._read_back, self._errors.add
+                    rest = fast_forward(buffer, sources, [total], lambda: 0, drop, self._part_size, read, lost)
+                    samples, read, drop = self._samples_of(rest[0], dead), drop, 0
+            for sample in buffer.run(samples):
                 read += 1
+                if drop:
+                    drop -= 1
+                    continue
                 yield sample
             if read:
                 continue
@@ -324,51 +344,72 @@ class ShardStream(IterableDataset):
             turn = (s.rank * lanes + lane) % len(everything)
             parts, fallback = [(u, 0, None) for u in everything[turn:] + everything[:turn]], True
 
-    def _endless(self, epoch: int, lane: int, lanes: int, set_index: int) -> Iterator[dict]:
+    def _draws(self, epoch: int, lane: int, set_index: int) -> Iterator[Part]:
+        """Resampled mode: a lane's shard sequence of an epoch (from one set, when mixing), as whole shards."""
+        return ((url, 0, None) for url in self._shard_order(epoch, lane, set_index))
+
+    def _endless(self, parts: Iterator[Part]) -> Iterator[dict]:
         """Samples of the lane's shard sequence; a clear error (never a silent spin) when shard after
         shard yields nothing."""
         empty_in_a_row = [0]
         limit = 2 * len(self.spec.urls) + 8
 
-        def counted(urls: Iterator[str]) -> Iterator[str]:
-            for url in urls:
+        def counted(parts: Iterator[Part]) -> Iterator[Part]:
+            for part in parts:
                 if empty_in_a_row[0] >= limit:
                     raise RuntimeError(
-                        f"{limit} shards in a row gave no readable sample (last: {url}); check data.shards"
+                        f"{limit} shards in a row gave no readable sample (last: {part[0]}); check data.shards"
                     )
                 empty_in_a_row[0] += 1
-                yield url
+                yield part
 
-        parts = ((url, 0, None) for url in counted(self._shard_order(epoch, lane, set_index)))
-        for sample in self._samples_of(parts, set()):  # one lane's, for one epoch (a new stream each epoch)
+        for sample in self._samples_of(counted(parts), set()):  # one lane's, for one epoch (a new stream each epoch)
             empty_in_a_row[0] = 0
             yield sample
 
-    def _raw_samples(self, epoch: int, lane: int, lanes: int) -> Iterator[dict]:
-        """A lane's samples of an epoch (resampled: mixed across sets by weight), shuffled; endless."""
+    def _raw_samples(self, epoch: int, lane: int, lanes: int, skip: int = 0) -> Iterator[dict]:
+        """A lane's samples of an epoch (resampled: mixed across sets by weight), shuffled, from its
+        ``skip``-th on (:mod:`largemim.data.shuffle`: without reading the ones before where each shard's
+        count is known, else read past undecoded); endless."""
         s = self.spec
         if s.sampling == "exact":
-            yield from self._exact_samples(epoch, lane, lanes)
+            yield from self._exact_samples(epoch, lane, lanes, skip)
             return
-        if len(s.sets) == 1:
-            mixed = self._endless(epoch, lane, lanes, 0)
-        else:
+        sources = [functools.partial(self._draws, epoch, lane, i) for i in range(len(s.sets))]
+        choose = lambda: 0  # noqa: E731 - one set
+        if len(s.sets) > 1:
             weights = list(s.weights) if s.weights else self._set_sizes()
-            streams = [self._endless(epoch, lane, lanes, i) for i in range(len(s.sets))]
             rng = random.Random(f"{s.seed}-mix-{epoch}-{s.rank}-{lane}")
-            mixed = (next(streams[rng.choices(range(len(streams)), weights)[0]]) for _ in iter(int, 1))
-        rng = random.Random(f"{s.seed}-shuffle-{epoch}-{s.rank}-{lane}")
-        yield from wds.filters._shuffle(mixed, bufsize=s.shuffle_buffer, initial=s.shuffle_buffer, rng=rng)
+            choose = lambda: rng.choices(range(len(s.sets)), weights)[0]  # noqa: E731
+        buffer = ShuffleBuffer(s.shuffle_buffer, random.Random(f"{s.seed}-shuffle-{epoch}-{s.rank}-{lane}"))
+        parts = [draws() for draws in sources]
+        if skip and self._counted(s.urls) and all(sum(s.expected[u] for u in urls) for urls in s.sets):
+            ends, read = [ENDLESS] * len(sources), self._read_back
+            parts = fast_forward(buffer, sources, ends, choose, skip, self._part_size, read, self._errors.add)
+            skip = 0
+        streams = [self._endless(p) for p in parts]
+        mixed = streams[0] if len(streams) == 1 else (next(streams[choose()]) for _ in iter(int, 1))
+        yield from itertools.islice(buffer.run(mixed), skip, None)
+
+    def _counted(self, urls) -> bool:
+        """Whether every one of these shards' sample count is known (their manifests)."""
+        return all(u in self.spec.expected for u in urls)
+
+    def _part_size(self, part: Part) -> int:
+        url, first, stop = part
+        return (stop if stop is not None else self.spec.expected[url]) - first
 
     def _set_sizes(self) -> list[int]:
         """Default mixing weights: each set's samples (so every sample is as likely as any other), or its
-        shard count where a count is unknown (remote shards)."""
+        shard count where a count is unknown (no manifest)."""
         s = self.spec
         if all(u in s.expected for u in s.urls):
             return [sum(s.expected[u] for u in urls) for urls in s.sets]
         return [len(urls) for urls in s.sets]
 
     def _decode(self, sample: dict, rng: np.random.Generator):
+        if sample.get("__missing__"):
+            return None  # a buffered sample a resumed lane could not read back (counted by that read)
         data = image_bytes(sample)
         try:
             if data is None:
@@ -424,9 +465,7 @@ class ShardStream(IterableDataset):
             cursor = cursors.get(lane)
             if cursor is None or cursor.epoch != epoch or cursor.next_batch != b:
                 skip = self._lane_batches_before(lane, b, lanes) * s.micro_batch
-                samples = self._raw_samples(epoch, lane, lanes)
-                for _ in range(skip):
-                    next(samples)
+                samples = self._raw_samples(epoch, lane, lanes, skip)
                 cursor = cursors[lane] = _LaneCursor(epoch, samples, skip, b)
             yield self._batch(b, cursor, lane)
             cursor.next_batch = b + lanes  # this lane's next batch (the next epoch's deal if past the end)

@@ -1,0 +1,118 @@
+"""Sample counts of remote shard sets: the ``manifest.json`` next to the shards, fetched with their reader.
+
+``s3://b/p/train-000000.tar`` is listed by ``s3://b/p/manifest.json``, read as the shards are
+(:func:`largemim.data.readers.open_shard`: the AWS CLI, gsutil, curl, ...). Only for the schemes those
+readers fetch and ``file://``: not ``pipe:`` commands (no folder), not schemes only webdataset reads
+(``hf://``: its errors would carry the command line with its token, and its reader cannot be timed out),
+not URLs with a query (a presigned URL names one object, not a folder). The trainer fetches on rank 0 and
+sends the result to the others, so all ranks deal their data the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+from largemim.data.manifest import MANIFEST_NAME, Manifest
+from largemim.data.readers import READER_SCHEMES, ReaderFailed, open_shard
+
+log = logging.getLogger(__name__)
+
+FETCH_TIMEOUT_S = 120.0  # per attempt
+FETCH_ATTEMPTS = 3  # an object store's passing error (503, a reset) costs one more start-up second or two
+MAX_MANIFEST_BYTES = 256 << 20  # about 4M shards
+_FETCHED = frozenset(READER_SCHEMES) | {"file"}
+
+
+class ManifestUnavailable(ValueError):
+    """A remote folder's manifest could not be read (missing, unreachable, not a manifest)."""
+
+
+def manifest_folder(url: str) -> str | None:
+    """The remote folder whose manifest lists ``url``, or None where none is fetched (see the module)."""
+    if url.startswith("pipe:") or "://" not in url:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in _FETCHED or parts.query or parts.fragment or "/" not in parts.path:
+        return None
+    return url.rsplit("/", 1)[0]
+
+
+def remote_counts(urls: list[str], strict: bool) -> dict[str, int]:
+    """Samples per remote shard, from each folder's manifest (folders fetched side by side). ``strict``: a
+    folder whose manifest cannot be read is an error naming why; else its shards are left out, with a
+    warning."""
+    folders = sorted({f for u in urls if (f := manifest_folder(u)) is not None})
+    if not folders:
+        return {}
+    log.info("reading the sample counts of %d remote shard folder(s), e.g. %s/%s", len(folders), folders[0],
+             MANIFEST_NAME)  # fmt: skip
+    with ThreadPoolExecutor(min(16, len(folders))) as pool:
+        fetched = list(pool.map(_fetch_manifest, folders))
+    counts: dict[str, int] = {}
+    for folder, manifest in zip(folders, fetched, strict=True):
+        if isinstance(manifest, ManifestUnavailable):
+            if strict:
+                raise ManifestUnavailable(
+                    f"cannot count the samples of the shards in {folder}: {manifest}; upload the {MANIFEST_NAME} "
+                    "that tools/make_shards.py wrote next to them, or set data.num_samples"
+                )
+            log.warning(
+                "no sample counts for the shards in %s (%s): exact epochs are only nearly exact and a resume "
+                "reads past what each lane had consumed; upload the %s that tools/make_shards.py wrote",
+                folder, manifest, MANIFEST_NAME,
+            )  # fmt: skip
+            continue
+        listed = {s.url if "://" in s.url else f"{folder}/{s.url}": s.samples for s in manifest.shards}
+        counts.update((u, listed[u]) for u in urls if u in listed)
+    return counts
+
+
+def _fetch_manifest(folder: str) -> Manifest | ManifestUnavailable:
+    where = f"{folder}/{MANIFEST_NAME}"
+    for attempt in range(1, FETCH_ATTEMPTS + 1):
+        try:
+            return Manifest.parse(fetch_text(where), where)
+        except OSError as e:  # not there, or not reachable now: tried again
+            error = e
+        except ValueError as e:  # there, but no manifest: the same again
+            return ManifestUnavailable(str(e))
+        if attempt < FETCH_ATTEMPTS:
+            time.sleep(attempt)
+    return ManifestUnavailable(f"{error} ({FETCH_ATTEMPTS} attempts)")
+
+
+def fetch_text(url: str, timeout_s: float = FETCH_TIMEOUT_S) -> str:
+    """A small remote file, read as the shards are (:func:`open_shard`) in ``timeout_s``; a failure names
+    the reader's own message (e.g. the object store's "not found")."""
+    timed_out = threading.Event()
+
+    def give_up() -> None:
+        timed_out.set()
+        reader.abandon()
+
+    with tempfile.TemporaryFile() as messages:
+        reader = open_shard(url, stderr=messages)
+        timer = threading.Timer(timeout_s, give_up)
+        timer.start()
+        try:
+            data = reader.stream.read(MAX_MANIFEST_BYTES + 1)
+            if len(data) > MAX_MANIFEST_BYTES:
+                raise ValueError(f"{url} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest")
+            reader.finish()
+        except (OSError, ValueError) as e:
+            if timed_out.is_set():
+                raise TimeoutError(f"no answer in {timeout_s:.0f} s") from None
+            if not isinstance(e, ReaderFailed):
+                raise
+            messages.seek(0)
+            said = " ".join(messages.read()[-300:].decode("utf-8", errors="replace").split())
+            raise ReaderFailed(f"{e}{': ' + said if said else ''}") from None
+        finally:
+            timer.cancel()
+            reader.abandon()
+    return data.decode("utf-8", errors="replace")
