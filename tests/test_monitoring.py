@@ -108,6 +108,29 @@ def test_a_corrupt_eval_image_is_skipped_and_counted_not_a_crash(tmp_path, caplo
     assert "skipped 1 unreadable sample(s)" in caplog.text and f"sample {samples[3]['__key__']!r}" in caplog.text
 
 
+def test_eval_shards_are_read_from_object_stores_as_training_shards_are(tmp_path, monkeypatch, caplog):
+    """s3:// eval shards (webdataset's own opener knows no s3): read with the training shards' reader,
+    here a stand-in AWS CLI that prints the local shard; one that fails is skipped and named."""
+    import os
+
+    from conftest import demo_samples, write_shards
+
+    from largemim.data.augment import EvalTransform
+    from largemim.evaluation.represent import load_labelled
+
+    write_shards(tmp_path / "eval", demo_samples("test", 12), [6, 6])
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    script = f'case "$3" in *000001*) exit 1;; esac\ncat {tmp_path}/eval/shard-000000.tar\n'
+    (fake / "aws").write_text("#!/bin/sh\n" + script)
+    (fake / "aws").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    with caplog.at_level("WARNING"):
+        got = load_labelled("s3://b/eval/shard-{000000..000001}.tar", 100, EvalTransform(28, (0.5,) * 3, (0.5,) * 3))
+    assert len(got.labels) == 6
+    assert "skipped 1 unreadable" in caplog.text and "shard-000001.tar" in caplog.text
+
+
 def test_the_eval_decode_shows_progress_on_rank_0_only(tmp_path, capsys):
     """Review finding: every rank decoded the eval images at start-up (6,000 at 224 px: minutes) with nothing
     on screen. One bar, rank 0's: the other ranks decode the same images."""

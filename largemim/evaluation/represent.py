@@ -9,7 +9,7 @@ features are known to be weak under kNN and much better under a linear probe, so
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import webdataset as wds
 
 from largemim.data.augment import EvalTransform, image_bytes
+from largemim.data.readers import open_shard
 from largemim.data.sources import expand_shards
 from largemim.progress import progress_bar
 
@@ -41,7 +42,7 @@ def load_labelled(pattern: str, max_samples: int, transform: EvalTransform, *, p
         skipped.append(str(exn))
         return True
 
-    samples = wds.tarfile_samples([{"url": u} for u in expand_shards(pattern)], handler=skip)
+    samples = _samples(expand_shards(pattern), skip)
     with progress_bar(total=max_samples, enabled=progress, desc=f"decoding {pattern}", unit="img") as bar:
         for sample in samples:
             data, cls = image_bytes(sample), sample.get("cls")
@@ -62,6 +63,24 @@ def load_labelled(pattern: str, max_samples: int, transform: EvalTransform, *, p
     if not images:
         raise ValueError(f"no labelled sample (an image and a .cls member) in {pattern!r}")
     return LabelledSet(torch.stack(images), torch.tensor(labels))
+
+
+def _samples(urls: list[str], skip: Callable[[Exception], bool]) -> Iterator[dict]:
+    """The shards' samples in order, each shard read as the training shards are (:func:`open_shard`:
+    ``s3://``, ``gs://``, curl, ``pipe:``, with the step signals shielded); a shard that cannot be read
+    is passed to ``skip`` and the next one read."""
+    for url in urls:
+        reader = None
+        try:
+            reader = open_shard(url)
+            files = wds.tariterators.tar_file_iterator(reader.stream, handler=skip)
+            yield from wds.tariterators.group_by_keys(({**f, "__url__": url} for f in files), handler=skip)
+            reader.finish()  # a reader's exit status
+        except Exception as exn:  # noqa: BLE001 - a damaged or unreachable shard must not stop the start-up
+            skip(ValueError(f"{url}: {exn}"))
+        finally:
+            if reader is not None:
+                reader.abandon()
 
 
 @torch.no_grad()
