@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -43,6 +46,25 @@ def write_shards(folder: Path, samples: list[dict], sizes: list[int], prefix: st
         i += size
     manifest.save(folder)
     return str(folder / f"{prefix}-{{{0:06d}..{len(sizes) - 1:06d}}}.tar")
+
+
+@contextlib.contextmanager
+def served(root: Path):
+    """A local web server for ``root``'s files: remote shards over real HTTP (curl)."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
 
 
 @pytest.fixture(scope="session")

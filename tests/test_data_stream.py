@@ -19,7 +19,7 @@ import psutil
 import pytest
 import torch
 import webdataset as wds
-from conftest import demo_samples, write_shards
+from conftest import demo_samples, served, write_shards
 
 from largemim.data.augment import TrainAugment
 from largemim.data.fast_decode import FastTrainAugment
@@ -676,31 +676,12 @@ def test_a_buffered_sample_lost_since_the_interruption_is_counted_and_its_place_
     assert [b.index for b in batches] == list(range(25, 30)) and all(b.images.shape[0] == 8 for b in batches)
 
 
-@contextlib.contextmanager
-def _served(root: Path):
-    """A local web server for ``root``'s files: remote shards over real HTTP (curl)."""
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(root), **kwargs)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-
-
 def test_remote_shards_are_counted_from_the_manifest_next_to_them(tmp_path):
     """The manifest make_shards wrote is fetched from the shards' remote folder with their own reader:
     remote sets get epochs from their counts, exact deals and a resume that reads back only the buffer."""
     folder = tmp_path / "set"
     local = expand_shards(write_shards(folder, demo_samples("train", 1800), [75] * 24))
-    with _served(tmp_path) as site:
+    with served(tmp_path) as site:
         web = [f"{site}/set/{Path(u).name}" for u in local]
         assert sample_counts(web) == {w: 75 for w in web} and count_samples(web) == 1800
         kw = dict(world=1, per_epoch=225, sampling="exact")

@@ -51,8 +51,8 @@ class Manifest:
             text = path.read_text()
         except FileNotFoundError:
             raise FileNotFoundError(
-                f"no shard manifest at {path}; write shards with tools/make_shards.py (it writes one), "
-                "or set data.num_samples in the config"
+                f"no shard manifest at {path}; count the shards there with tools/write_manifest.py (shards "
+                "written by tools/make_shards.py come with one), or set data.num_samples in the config"
             ) from None
         return cls.parse(text, path)
 

@@ -58,12 +58,12 @@ def remote_counts(urls: list[str], strict: bool) -> dict[str, int]:
         if isinstance(manifest, ManifestUnavailable):
             if strict:
                 raise ManifestUnavailable(
-                    f"cannot count the samples of the shards in {folder}: {manifest}; upload the {MANIFEST_NAME} "
-                    "that tools/make_shards.py wrote next to them, or set data.num_samples"
+                    f"cannot count the samples of the shards in {folder}: {manifest}; upload their {MANIFEST_NAME} "
+                    "next to them (tools/write_manifest.py writes one), or set data.num_samples"
                 )
             log.warning(
                 "no sample counts for the shards in %s (%s): exact epochs are only nearly exact and a resume "
-                "reads past what each lane had consumed; upload the %s that tools/make_shards.py wrote",
+                "reads past what each lane had consumed; upload their %s (tools/write_manifest.py writes one)",
                 folder, manifest, MANIFEST_NAME,
             )  # fmt: skip
             continue
