@@ -16,14 +16,15 @@ from largemim.config import Config, ConfigError, make_plan, save_resolved
 from largemim.data.augment import Normalise, TrainAugment
 from largemim.data.device_decode import DeviceDecodeAugment, EncodedImages
 from largemim.data.fast_decode import FastTrainAugment
-from largemim.data.sources import expand_shards, manifest_counts, sample_counts, split_sets
+from largemim.data.sources import expand_shards, split_sets
 from largemim.data.stream import StreamSpec, build_train_loader, check_exact_split
-from largemim.distributed import DistEnv, broadcast_from_rank0
+from largemim.distributed import DistEnv
 from largemim.engine import build_engine, build_model, load_ds_json, reapply_optim_config, zero_stage
 from largemim.flops import peak_tflops, train_flops_per_image
 from largemim.health import TrainingDiverged, nonfinite_parameters
 from largemim.memory import choose_grad_ckpt
 from largemim.monitor import Monitor
+from largemim.run_counts import CountsUnavailable, run_shard_counts
 from largemim.run_log import RunLog
 from largemim.signals import StopOnSignal
 
@@ -62,6 +63,13 @@ def _sums_across_ranks(values: list[float], device: torch.device) -> list[int]:
 
 def _sum_across_ranks(value: int, device: torch.device) -> int:
     return _sums_across_ranks([value], device)[0]
+
+
+def _max_across_ranks(value: int, device: torch.device) -> int:
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def divergence_advice(cfg: Config) -> str:
@@ -166,27 +174,14 @@ def _choose_grad_ckpt(cfg: Config, ds_json: dict, env: DistEnv) -> None:
     )  # fmt: skip
 
 
-def _shard_counts(urls: list[str], need_all: bool, rank: int) -> dict[str, int]:
-    """Samples per shard from the manifests, all of them where the epoch length comes from them
-    (``need_all``). Read on rank 0 and sent to the others: a remote manifest that one rank could not
-    fetch would otherwise have that rank deal its data another way than the rest."""
-    box: list = [None]
-    if rank == 0:
-        try:
-            box[0] = sample_counts(urls) if need_all else manifest_counts(urls)
-        except (OSError, ValueError) as e:
-            box[0] = f"{e}"
-    broadcast_from_rank0(box)
-    if isinstance(box[0], str):
-        raise ConfigError(box[0])
-    return box[0]
-
-
 def train(cfg: Config, env: DistEnv) -> dict:
     """Run (or resume) the configured training to its end or to a stop request. Returns a summary."""
     sets = [expand_shards(pattern) for pattern in split_sets(cfg.data.shards)]
     urls = [u for s in sets for u in s]
-    expected = _shard_counts(urls, need_all=not cfg.data.num_samples, rank=env.rank)
+    try:
+        expected = run_shard_counts(urls, not cfg.data.num_samples, env.rank, Path(cfg.run.dir))
+    except CountsUnavailable as e:
+        raise ConfigError(str(e)) from None
     num_samples = cfg.data.num_samples or sum(expected[u] for u in urls)
     plan = make_plan(cfg, env.world_size, num_samples)
     lanes = cfg.data.lanes or max(1, cfg.data.workers)  # sample streams per rank (see data/stream.py)
@@ -250,12 +245,14 @@ def train(cfg: Config, env: DistEnv) -> dict:
         if changed:
             why = ""
             if "counted" in changed:
-                why = " (the shards' sample counts were " + ("read" if counted else "not all read: see above") + ")"
+                why = " (the shards' sample counts were " + ("read)" if counted else "not all read: see rank 0's log)")
             log.warning("data settings changed since the checkpoint %s%s: the batch stream will differ", changed, why)
     ga = plan.grad_accum
     advice = divergence_advice(cfg)
     # undecodable samples skipped by all ranks before this start (saved with each checkpoint)
     skipped_before = int(client.get("data", {}).get("skipped_samples", 0)) if client is not None else 0
+    # the last data epoch in which a shard read came up short, on any rank (its lanes replay on a resume)
+    short_epoch = int(client.get("data", {}).get("short_read_epoch", -1)) if client is not None else -1
 
     monitor = Monitor(cfg, engine, run_dir, env.device, env.rank)
     flops_per_image, peak = _throughput_model(cfg, env.device)
@@ -275,7 +272,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
     spec = StreamSpec(
         tuple(tuple(s) for s in sets), cfg.train.micro_batch, plan.micro_batches_per_epoch, env.rank,
         env.world_size, cfg.run.seed, d.shuffle_buffer, d.sampling, tuple(d.weights), d.open_retries, d.lanes,
-        expected,
+        expected, short_epoch,
     )  # fmt: skip
     loader = iter(build_train_loader(spec, augment, cfg.data.workers, start * ga, env.device.type == "cuda"))
     stopper = StopOnSignal(list(cfg.checkpoint.stop_signals), env.device)
@@ -286,10 +283,9 @@ def train(cfg: Config, env: DistEnv) -> dict:
         total = skipped_before + check_fit_to_save(
             engine.module, loss_sum, first, step, skipped, ckpt.dir, env.device, advice
         )
-        state = {
-            "step": step, "data": {**data_state, "position": step * ga, "skipped_samples": total},
-            "config": asdict(cfg),
-        }  # fmt: skip
+        data = {**data_state, "position": step * ga, "skipped_samples": total,
+                "short_read_epoch": _max_across_ranks(short_epoch, env.device)}  # fmt: skip
+        state = {"step": step, "data": data, "config": asdict(cfg)}
         ckpt.save(engine, step, state)
 
     step, last_saved = start, start
@@ -320,6 +316,8 @@ def train(cfg: Config, env: DistEnv) -> dict:
                     f"data stream out of order: got micro-batch {batch.index}, expected {step * ga + micro}"
                 )
             skipped += batch.skipped
+            if batch.short:
+                short_epoch = max(short_epoch, batch.index // plan.micro_batches_per_epoch)
             if isinstance(batch.images, EncodedImages):  # data.decode=device
                 pixels, failed = batch.images.decode(env.device, fallback=last_pixels)
                 skipped += failed

@@ -238,14 +238,14 @@ def test_mask_ratio_defaults_to_the_objectives_own(name, ratio, tmp_path):
     assert load_config(recipe, [data]).objective.mask_ratio == 0.5
 
 
-def test_shard_counts_that_cannot_be_read_are_a_config_error(tmp_path):
+def test_shard_counts_that_cannot_be_read_are_one_clear_error(tmp_path):
     """The trainer reads the manifests on rank 0 (and sends them to the others): a set whose epoch length
-    needs them and that has none is one config line, not a traceback."""
-    from largemim.trainer import _shard_counts
+    needs them and that has none is one message (a config error in the trainer), not a traceback."""
+    from largemim.run_counts import CountsUnavailable, run_shard_counts
 
-    with pytest.raises(ConfigError, match="cannot count the samples of shards such as 'pipe:cat /x.tar'"):
-        _shard_counts(["pipe:cat /x.tar"], need_all=True, rank=0)
-    assert _shard_counts(["pipe:cat /x.tar"], need_all=False, rank=0) == {}  # data.num_samples set
+    with pytest.raises(CountsUnavailable, match="cannot count the samples of shards such as 'pipe:cat /x.tar'"):
+        run_shard_counts(["pipe:cat /x.tar"], True, 0, tmp_path)
+    assert run_shard_counts(["pipe:cat /x.tar"], False, 0, tmp_path) == {}  # data.num_samples set
     (tmp_path / "a.tar").write_bytes(b"")
-    with pytest.raises(ConfigError, match="no shard manifest at .*set data.num_samples"):
-        _shard_counts([str(tmp_path / "a.tar")], need_all=True, rank=0)
+    with pytest.raises(CountsUnavailable, match="no shard manifest at .*set data.num_samples"):
+        run_shard_counts([str(tmp_path / "a.tar")], True, 0, tmp_path)

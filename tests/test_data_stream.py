@@ -2,6 +2,7 @@ import contextlib
 import http.server
 import io
 import itertools
+import json
 import os
 import random
 import shutil
@@ -731,3 +732,46 @@ def test_a_remote_manifest_fetch_is_retried_and_timed_out(tmp_path, monkeypatch)
     with pytest.raises(TimeoutError, match="no answer in 1 s"):
         remote_manifest.fetch_text("s3://b/p/manifest.json", timeout_s=0.6)
     assert time.monotonic() - started < 10
+
+
+def test_a_shard_found_short_before_the_interruption_makes_its_epoch_replay(tmp_path):
+    """A shard holding fewer samples than its manifest says moves every later position of the lane's input,
+    so the buffer cannot be rebuilt from the counts: the batch that met it reports ``short``, the trainer
+    saves that epoch, and a resume in it replays its lanes (the uninterrupted stream, exactly)."""
+    pattern = write_shards(tmp_path, demo_samples("train", 400), [10] * 40)
+    urls = expand_shards(pattern)
+    short = Path(urls[3])
+    with wds.TarWriter(str(short)) as sink:  # rewritten with 5 of its 10 samples; the manifest still says 10
+        for s in list(wds.tarfile_samples([{"url": str(tmp_path / "shard-000010.tar")}]))[:5]:
+            sink.write({"__key__": s["__key__"] + "x", "png": s["png"], "cls": s["cls"]})
+    kw = dict(world=1, per_epoch=50, sampling="exact")
+    full = _keys(itertools.islice(ShardStream(spec(urls, **kw), AUG)._raw_samples(0, 0, 1), 395))
+    batches = take(urls, 30, **kw)
+    met = [b.index for b in batches if b.short]
+    assert met and met[0] < 25 and sum(b.short for b in batches) == 5  # met before micro-batch 25
+    replayed = ShardStream(replace(spec(urls, **kw), replay_epoch=0), AUG)
+    assert _keys(itertools.islice(replayed._raw_samples(0, 0, 1, 200), 150)) == full[200:350]
+    rebuilt = ShardStream(spec(urls, **kw), AUG)  # what a resume without the saved epoch would give
+    assert _keys(itertools.islice(rebuilt._raw_samples(0, 0, 1, 200), 150)) != full[200:350]
+
+
+def test_a_resume_whose_remote_manifest_cannot_be_read_keeps_the_counts_it_started_with(tmp_path, monkeypatch, caplog):
+    """The counts of remote shards are kept in the run folder: an outage at a resume must not change how the
+    ranks deal their data (or need data.num_samples it did not need at the start)."""
+    from largemim.data import remote_manifest
+    from largemim.run_counts import SAVED_NAME, CountsUnavailable, run_shard_counts
+
+    monkeypatch.setattr(remote_manifest, "FETCH_ATTEMPTS", 1)
+    write_shards(tmp_path / "set", demo_samples("train", 150), [70, 80])
+    run = tmp_path / "run"
+    with served(tmp_path) as site:
+        web = [f"{site}/set/shard-00000{i}.tar" for i in (0, 1)]
+        assert run_shard_counts(web, True, 0, run) == {web[0]: 70, web[1]: 80}
+        assert json.loads((run / SAVED_NAME).read_text()) == {web[0]: 70, web[1]: 80}
+        os.remove(tmp_path / "set" / "manifest.json")  # unreachable now
+        with caplog.at_level("WARNING"):
+            assert run_shard_counts(web, True, 0, run) == {web[0]: 70, web[1]: 80}
+            assert run_shard_counts(web, False, 0, run) == {web[0]: 70, web[1]: 80}
+        assert f"come from {run / SAVED_NAME}, read at an earlier start" in caplog.text
+        with pytest.raises(CountsUnavailable, match="cannot count the samples of the shards in http"):
+            run_shard_counts(web, True, 0, tmp_path / "new_run")  # a new run has nothing kept

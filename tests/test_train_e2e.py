@@ -10,9 +10,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from conftest import REPO, TINY, demo_samples, read_metrics, run_trainer, trainer_cmd, trainer_env, write_shards
 from PIL import Image
 
@@ -352,6 +354,31 @@ def test_resume_under_another_zero_stage(tmp_path, shard_set, zero2_straight):
     assert "exitcode  : 2" in proc.stderr  # a config error, on each rank
     assert "was saved with ZeRO-3 and this run's ds_config is ZeRO-0" in proc.stderr, proc.stderr[-3000:]
     assert "ds_configs/zero3.json" in proc.stderr
+
+
+def test_a_resume_in_an_epoch_with_short_shards_replays_it_and_matches(tmp_path, shard_set):
+    """Shards holding fewer samples than their manifest says move the lanes' later positions: the
+    checkpoint records the epoch in which a read came up short, and the resume replays that epoch's lanes
+    instead of rebuilding their shuffle buffers from the counts, so it continues exactly."""
+    data = tmp_path / "data"
+    shutil.copytree(Path(shard_set).parent, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        shard["samples"] += 10  # every shard is 10 samples short of its manifest
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    shards = str(data / Path(shard_set).name)
+    common = [*ZERO2_RUN, "ds_config=ds_configs/zero2.json", "train.micro_batch=16"]
+    straight = tmp_path / "straight"
+    run_trainer(straight, shards, common)
+    saved = torch.load(straight / "checkpoints/step_00000004/mp_rank_00_model_states.pt", weights_only=False)
+    assert saved["data"]["short_read_epoch"] == 0
+    run = tmp_path / "resumed"
+    shutil.copytree(straight, run)
+    shutil.rmtree(run / "checkpoints/step_00000008")  # as if stopped after step 4
+    run_trainer(run, shards, common)
+    full, resumed = read_metrics(straight), read_metrics(run)
+    for step in range(5, 9):
+        assert resumed[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-6), step
 
 
 def test_a_damaged_newest_checkpoint_names_the_way_back(tmp_path, shard_set):

@@ -138,7 +138,7 @@ def main() -> None:
             listing = make_images(photos, labels, count, sides, scratch / name, args.seed * 1000 + k)
             out = args.out / name
             options = WriteOptions(prefix="photos", samples_per_shard=args.per_shard, seed=args.seed)
-            manifest = write_shards(scan_list(listing), out, options, overwrite=True, progress=False)
+            manifest = write_shards(scan_list(listing, progress=False), out, options, overwrite=True, progress=False)
             print(f"{out}: {len(manifest.shards)} shards, {manifest.total_samples} JPEGs")
 
 

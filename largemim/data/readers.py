@@ -31,8 +31,8 @@ _IGNORE_STEP_SIGNALS = 'trap "" ' + " ".join(s.name.removeprefix("SIG") for s in
 # curl gives up on a transfer slower than 1 KiB/s for 5 minutes (a stalled server) instead of hanging
 # the reader for ever. No curl --retry: after part of the body has gone down the pipe, curl would send
 # the whole body again behind it (a shard spliced from two reads); the stream restarts the read itself
-# and skips what it already has (data.open_retries).
-CURL = ["curl", "--connect-timeout", "30", "--speed-limit", "1024", "--speed-time", "300", "-f", "-s", "-L"]
+# and skips what it already has (data.open_retries). -sS: no progress meter, but the error ("(22) ... 404").
+CURL = ["curl", "--connect-timeout", "30", "--speed-limit", "1024", "--speed-time", "300", "-f", "-sS", "-L"]
 
 
 class ReaderFailed(OSError):

@@ -11,8 +11,10 @@ sends the result to the others, so all ranks deal their data the same way.
 from __future__ import annotations
 
 import logging
+import os
+import select
+import subprocess
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
@@ -46,7 +48,11 @@ def remote_counts(urls: list[str], strict: bool) -> dict[str, int]:
     """Samples per remote shard, from each folder's manifest (folders fetched side by side). ``strict``: a
     folder whose manifest cannot be read is an error naming why; else its shards are left out, with a
     warning."""
-    folders = sorted({f for u in urls if (f := manifest_folder(u)) is not None})
+    by_folder: dict[str, list[str]] = {}
+    for u in urls:
+        if (f := manifest_folder(u)) is not None:
+            by_folder.setdefault(f, []).append(u)
+    folders = sorted(by_folder)
     if not folders:
         return {}
     log.info("reading the sample counts of %d remote shard folder(s), e.g. %s/%s", len(folders), folders[0],
@@ -68,7 +74,7 @@ def remote_counts(urls: list[str], strict: bool) -> dict[str, int]:
             )  # fmt: skip
             continue
         listed = {s.url if "://" in s.url else f"{folder}/{s.url}": s.samples for s in manifest.shards}
-        counts.update((u, listed[u]) for u in urls if u in listed)
+        counts.update((u, listed[u]) for u in by_folder[folder] if u in listed)
     return counts
 
 
@@ -77,7 +83,9 @@ def _fetch_manifest(folder: str) -> Manifest | ManifestUnavailable:
     for attempt in range(1, FETCH_ATTEMPTS + 1):
         try:
             return Manifest.parse(fetch_text(where), where)
-        except OSError as e:  # not there, or not reachable now: tried again
+        except FileNotFoundError as e:  # file://: not there (a store's "not found" is tried again: its CLI
+            return ManifestUnavailable(str(e))  # exits 1 on a 404 and on a passing 503 alike)
+        except OSError as e:  # not reachable now, or not there: tried again
             error = e
         except ValueError as e:  # there, but no manifest: the same again
             return ManifestUnavailable(str(e))
@@ -87,32 +95,42 @@ def _fetch_manifest(folder: str) -> Manifest | ManifestUnavailable:
 
 
 def fetch_text(url: str, timeout_s: float = FETCH_TIMEOUT_S) -> str:
-    """A small remote file, read as the shards are (:func:`open_shard`) in ``timeout_s``; a failure names
-    the reader's own message (e.g. the object store's "not found")."""
-    timed_out = threading.Event()
-
-    def give_up() -> None:
-        timed_out.set()
-        reader.abandon()
-
+    """A small remote file, read as the shards are (:func:`open_shard`) in ``timeout_s`` in all (read with
+    a deadline here: a reader that hangs, or leaves a child holding the pipe as gsutil's wrapper does,
+    cannot hold the start-up); a failure names the reader's own message (e.g. the store's "not found")."""
+    deadline = time.monotonic() + timeout_s
     with tempfile.TemporaryFile() as messages:
         reader = open_shard(url, stderr=messages)
-        timer = threading.Timer(timeout_s, give_up)
-        timer.start()
         try:
-            data = reader.stream.read(MAX_MANIFEST_BYTES + 1)
-            if len(data) > MAX_MANIFEST_BYTES:
-                raise ValueError(f"{url} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest")
-            reader.finish()
-        except (OSError, ValueError) as e:
-            if timed_out.is_set():
+            if reader.proc is None:  # file://
+                return reader.stream.read().decode("utf-8", errors="replace")
+            data = _read_by(reader.stream.fileno(), deadline, timeout_s)
+            try:
+                status = reader.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 raise TimeoutError(f"no answer in {timeout_s:.0f} s") from None
-            if not isinstance(e, ReaderFailed):
-                raise
-            messages.seek(0)
-            said = " ".join(messages.read()[-300:].decode("utf-8", errors="replace").split())
-            raise ReaderFailed(f"{e}{': ' + said if said else ''}") from None
+            if status != 0:
+                messages.seek(0)
+                said = " ".join(messages.read()[-300:].decode("utf-8", errors="replace").split())
+                raise ReaderFailed(f"the reader exited with status {status}" + (f": {said}" if said else ""))
         finally:
-            timer.cancel()
             reader.abandon()
     return data.decode("utf-8", errors="replace")
+
+
+def _read_by(fd: int, deadline: float, timeout_s: float) -> bytes:
+    """All of a pipe, by ``deadline``, at most MAX_MANIFEST_BYTES."""
+    chunks, size = [], 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no answer in {timeout_s:.0f} s")
+        if not select.select([fd], [], [], left)[0]:
+            continue
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_MANIFEST_BYTES:
+            raise ValueError(f"larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest")

@@ -27,6 +27,8 @@ Part = tuple[str, int, int | None]  # a shard URL and a range of its samples (st
 
 
 class ShuffleBuffer:
+    """A shuffle buffer of ``size`` samples drawing from ``rng``; ``items`` is what it holds."""
+
     def __init__(self, size: int, rng: random.Random):
         self.size, self.rng = size, rng
         self.items: list = []

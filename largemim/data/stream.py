@@ -76,12 +76,14 @@ class Batch:
     images: torch.Tensor | EncodedImages  # (micro_batch, 3, H, W) uint8 pixels, normalised on the training
     # device (augment.Normalise), or files to decode there (data.decode=device)
     skipped: int  # samples this worker skipped as undecodable since its previous batch
+    short: int = 0  # of those, samples a shard read came up short of (truncated, unreadable): they move
+    # the lane's later samples, so a resume in this data epoch replays its lanes (StreamSpec.replay_epoch)
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader's pin thread (``pin_memory=True``), which passes dataclasses through
         unpinned otherwise; files for device decoding stay where they are (nvJPEG reads host memory)."""
         if isinstance(self.images, torch.Tensor):
-            return Batch(self.index, self.images.pin_memory(), self.skipped)
+            return Batch(self.index, self.images.pin_memory(), self.skipped, self.short)
         return self
 
 
@@ -99,6 +101,8 @@ class StreamSpec:
     open_retries: int = 3
     lanes: int = 0  # sample streams per rank; 0 = one per loader worker (a multiple of the workers otherwise)
     expected: Mapping[str, int] = field(default_factory=dict)  # samples per shard, from the manifests
+    replay_epoch: int = -1  # a data epoch in which a shard read came up short before the resume point:
+    # resumed lanes of that epoch replay their input (positions no longer follow the counts)
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -117,17 +121,19 @@ def check_exact_split(num_shards: int, world_size: int, lanes_per_rank: int) -> 
 
 
 class _SkipCounter:
-    """Counts the samples skipped as unreadable (a webdataset handler for one broken sample)."""
+    """Counts the samples skipped as unreadable (a webdataset handler for one broken sample), and apart,
+    those of them a shard read came up short of (``short``: they were never read)."""
 
     def __init__(self) -> None:
-        self.count = 0
+        self.count = self.short = 0
 
     def __call__(self, exn: Exception) -> bool:
         self.add(1, f"skipping unreadable data: {exn}")
         return True
 
-    def add(self, samples: int, message: str) -> None:
+    def add(self, samples: int, message: str, short: bool = False) -> None:
         self.count += samples
+        self.short += samples if short else 0
         log.warning("%s", message)
 
 
@@ -241,7 +247,7 @@ class ShardStream(IterableDataset):
             def repeated_member(exn: Exception) -> bool:
                 # A member repeated within a sample is skipped and counted (once: not again while a
                 # restarted read replays the samples already given); the rest of the shard is read.
-                return self._errors(exn) if read >= given else True  # noqa: B023 - the current counts
+                return self._errors(exn) if read >= given and count else True  # noqa: B023 - the current counts
 
             try:
                 reader = open_shard(url)
@@ -277,7 +283,13 @@ class ShardStream(IterableDataset):
             finally:
                 if reader is not None:
                     reader.abandon()  # stopped early (failure, or the lane moved on): end the reader now
-        report = self._errors.add if count else lambda _, message: log.warning("%s", message)
+
+        def report(samples: int, message: str) -> None:
+            if count:
+                self._errors.add(samples, message, short=True)
+            else:
+                log.warning("%s", message)
+
         if error is not None:
             missing = limit - given if limit is not None and limit > given else 1
             where = (
@@ -316,12 +328,11 @@ class ShardStream(IterableDataset):
             rng = random.Random(f"{s.seed}-shuffle-{epoch}-{s.rank}-{lane}" + (f"-{cycle}" if cycle else ""))
             buffer, read = ShuffleBuffer(s.shuffle_buffer, rng), 0
             samples = self._samples_of(iter(order), dead)
-            if drop and not cycle and self._counted([u for u, _, _ in order]):
+            if drop and not cycle and self._positions_known(epoch, [u for u, _, _ in order]):
                 total = sum(map(self._part_size, order))
                 if drop < total:  # always, unless the manifests undercount the deal
-                    sources = [functools.partial(iter, order)]
-                    read, lost = self._read_back, self._errors.add
-                    rest = fast_forward(buffer, sources, [total], lambda: 0, drop, self._part_size, read, lost)
+                    sources, back, lost = [functools.partial(iter, order)], self._read_back, self._errors.add
+                    rest = fast_forward(buffer, sources, [total], lambda: 0, drop, self._part_size, back, lost)
                     samples, read, drop = self._samples_of(rest[0], dead), drop, 0
             for sample in buffer.run(samples):
                 read += 1
@@ -383,7 +394,7 @@ class ShardStream(IterableDataset):
             choose = lambda: rng.choices(range(len(s.sets)), weights)[0]  # noqa: E731
         buffer = ShuffleBuffer(s.shuffle_buffer, random.Random(f"{s.seed}-shuffle-{epoch}-{s.rank}-{lane}"))
         parts = [draws() for draws in sources]
-        if skip and self._counted(s.urls) and all(sum(s.expected[u] for u in urls) for urls in s.sets):
+        if skip and self._positions_known(epoch, s.urls) and all(sum(s.expected[u] for u in urls) for urls in s.sets):
             ends, read = [ENDLESS] * len(sources), self._read_back
             parts = fast_forward(buffer, sources, ends, choose, skip, self._part_size, read, self._errors.add)
             skip = 0
@@ -391,9 +402,10 @@ class ShardStream(IterableDataset):
         mixed = streams[0] if len(streams) == 1 else (next(streams[choose()]) for _ in iter(int, 1))
         yield from itertools.islice(buffer.run(mixed), skip, None)
 
-    def _counted(self, urls) -> bool:
-        """Whether every one of these shards' sample count is known (their manifests)."""
-        return all(u in self.spec.expected for u in urls)
+    def _positions_known(self, epoch: int, urls) -> bool:
+        """Whether a lane's input positions in ``epoch`` follow the shards' counts (so a resume need not
+        replay it): every count is known (their manifests), and no read of the epoch came up short."""
+        return epoch != self.spec.replay_epoch and all(u in self.spec.expected for u in urls)
 
     def _part_size(self, part: Part) -> int:
         url, first, stop = part
@@ -429,7 +441,7 @@ class ShardStream(IterableDataset):
     def _batch(self, b: int, cursor: _LaneCursor, lane: int) -> Batch:
         s = self.spec
         rng = lambda: np.random.default_rng([s.seed, cursor.epoch, s.rank, lane, cursor.position])  # noqa: E731
-        skipped_before = self._errors.count
+        skipped_before, short_before = self._errors.count, self._errors.short
         images = []
         for _ in range(s.micro_batch):  # a batch is always micro_batch raw samples: exact resume
             images.append(self._decode(next(cursor.samples), rng()))
@@ -449,7 +461,7 @@ class ShardStream(IterableDataset):
         # An undecodable sample's place is taken by a good one of the same batch.
         images = [im if im is not None else good[i % len(good)] for i, im in enumerate(images)]
         collate = getattr(self.augment, "collate", torch.stack)  # DeviceDecodeAugment keeps the files
-        return Batch(b, collate(images), self._errors.count - skipped_before)
+        return Batch(b, collate(images), self._errors.count - skipped_before, self._errors.short - short_before)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()

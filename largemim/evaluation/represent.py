@@ -8,6 +8,7 @@ features are known to be weak under kNN and much better under a linear probe, so
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,9 +43,9 @@ def load_labelled(pattern: str, max_samples: int, transform: EvalTransform, *, p
         skipped.append(str(exn))
         return True
 
-    samples = _samples(expand_shards(pattern), skip)
-    with progress_bar(total=max_samples, enabled=progress, desc=f"decoding {pattern}", unit="img") as bar:
-        for sample in samples:
+    samples = contextlib.closing(_samples(expand_shards(pattern), skip))  # the last reader ends with the loop
+    with samples, progress_bar(total=max_samples, enabled=progress, desc=f"decoding {pattern}", unit="img") as bar:
+        for sample in samples.thing:
             data, cls = image_bytes(sample), sample.get("cls")
             if data is None or cls is None:
                 continue
@@ -73,8 +74,9 @@ def _samples(urls: list[str], skip: Callable[[Exception], bool]) -> Iterator[dic
         reader = None
         try:
             reader = open_shard(url)
-            files = wds.tariterators.tar_file_iterator(reader.stream, handler=skip)
-            yield from wds.tariterators.group_by_keys(({**f, "__url__": url} for f in files), handler=skip)
+            named = lambda exn: skip(ValueError(f"{url}: {exn}"))  # noqa: B023, E731 - this shard's
+            files = wds.tariterators.tar_file_iterator(reader.stream, handler=named)
+            yield from wds.tariterators.group_by_keys(({**f, "__url__": url} for f in files), handler=named)
             reader.finish()  # a reader's exit status
         except Exception as exn:  # noqa: BLE001 - a damaged or unreachable shard must not stop the start-up
             skip(ValueError(f"{url}: {exn}"))
