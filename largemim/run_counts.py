@@ -3,9 +3,9 @@ kept in the run folder.
 
 Every rank must deal its data from the same counts (a rank without them deals whole shards, and its
 data overlaps the others'), so rank 0 reads the manifests (:func:`manifest_counts`, remote ones fetched)
-and sends the result. A remote manifest read once is kept in ``RUN_DIR/remote_shard_counts.json``: a
-resume whose fetch fails (an outage) goes on with the counts it started with instead of dealing, and
-rebuilding its loader lanes, another way. Local manifests are read afresh each start.
+and sends the result. Remote counts are kept in ``RUN_DIR/remote_shard_counts.json`` as last read: a
+later start whose fetch fails (an outage) goes on with them instead of dealing, and rebuilding its
+loader lanes, another way. Local manifests are read afresh each start.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import json
 import logging
 from pathlib import Path
 
-from largemim.data.sources import is_local, manifest_counts, sample_counts
+from largemim.data.remote_manifest import manifest_folder, remote_counts
+from largemim.data.sources import is_local, local_counts, warn_uncounted, why_uncounted
 from largemim.distributed import broadcast_from_rank0
 from largemim.files import write_atomic
 
@@ -35,7 +36,7 @@ def run_shard_counts(urls: list[str], need_all: bool, rank: int, run_dir: Path) 
         try:
             box[0] = _read(urls, need_all, run_dir / SAVED_NAME)
         except Exception as e:  # noqa: BLE001 - whatever it is, every rank must get past the broadcast
-            box[0] = f"{e}"
+            box[0] = f"{e}" if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: {e}"
     broadcast_from_rank0(box)
     if isinstance(box[0], str):
         raise CountsUnavailable(box[0])
@@ -43,21 +44,23 @@ def run_shard_counts(urls: list[str], need_all: bool, rank: int, run_dir: Path) 
 
 
 def _read(urls: list[str], need_all: bool, saved_path: Path) -> dict[str, int]:
+    """One read of every manifest (a remote folder fetched once: an outage costs its tries once, well
+    within the time the other ranks wait), gaps in the remote counts filled from the saved ones."""
     saved = _load(saved_path)
-    try:
-        counts = sample_counts(urls) if need_all else manifest_counts(urls)
-        error = None
-    except (OSError, ValueError) as e:
-        if not any(u in saved for u in urls):
-            raise
-        counts, error = manifest_counts(urls), e
-    kept = [u for u in urls if u not in counts and u in saved]
+    counts = local_counts(urls)
+    remote, failures = remote_counts(urls)
+    counts.update(remote)
+    kept = [u for u in urls if u not in counts and not is_local(u) and u in saved]
     if kept:
         counts.update((u, saved[u]) for u in kept)
-        log.warning("the counts of %d remote shard(s) (e.g. %s) come from %s, read at an earlier start: their "
-                    "manifest could not be read now", len(kept), kept[0], saved_path)  # fmt: skip
-    if need_all and error is not None and any(u not in counts for u in urls):
-        raise error
+        log.warning("the counts of %d remote shard(s) (e.g. %s) come from %s, as last read: %s", len(kept), kept[0],
+                    saved_path, why_uncounted(kept[0], failures))  # fmt: skip
+    for folder, reason in sorted(failures.items()):
+        if any(u not in counts and manifest_folder(u) == folder for u in urls):
+            warn_uncounted(folder, reason)
+    missing = next((u for u in urls if u not in counts), None)
+    if need_all and missing is not None:
+        raise ValueError(why_uncounted(missing, failures))
     remote = {u: n for u, n in counts.items() if not is_local(u)}
     if remote and any(saved.get(u) != n for u, n in remote.items()):
         saved_path.parent.mkdir(parents=True, exist_ok=True)

@@ -65,11 +65,21 @@ def _sum_across_ranks(value: int, device: torch.device) -> int:
     return _sums_across_ranks([value], device)[0]
 
 
-def _max_across_ranks(value: int, device: torch.device) -> int:
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    if dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+def _gathered_shortfalls(mine: list[tuple], world_size: int) -> dict:
+    """Every rank's shard reads that came up short (a collective), for the checkpoint."""
+    everyone = [mine]
+    if world_size > 1:
+        everyone = [None] * world_size
+        dist.all_gather_object(everyone, mine)
+    by_rank = {str(rank): [list(f) for f in falls] for rank, falls in enumerate(everyone) if falls}
+    return {"world_size": world_size, "by_rank": by_rank}
+
+
+def _saved_shortfalls(client: dict | None, env: DistEnv, changed: dict) -> list[tuple]:
+    saved = (client or {}).get("data", {}).get("shortfalls") or {}
+    if saved.get("world_size") != env.world_size or changed:  # another deal: they say nothing of its reads
+        return []
+    return [tuple(f) for f in saved.get("by_rank", {}).get(str(env.rank), [])]
 
 
 def divergence_advice(cfg: Config) -> str:
@@ -232,9 +242,10 @@ def train(cfg: Config, env: DistEnv) -> dict:
         # the mixing weights in force: the default follows sample counts where all are known (data/stream.py)
         "weights": list(cfg.data.weights) or ("samples" if counted else "shards"),
         "counted": counted,  # exact deals and the default weights follow the sample counts where all are known
+        "counts": hashlib.sha1(repr([expected.get(u) for u in urls]).encode()).hexdigest()[:12],  # which counts
     }
     client = ckpt.load_latest(engine, universal)
-    start = 0
+    start, changed = 0, {}
     if client is not None:
         _keep_configured_clip(engine, cfg)
         reapply_optim_config(engine, cfg, plan)
@@ -251,8 +262,9 @@ def train(cfg: Config, env: DistEnv) -> dict:
     advice = divergence_advice(cfg)
     # undecodable samples skipped by all ranks before this start (saved with each checkpoint)
     skipped_before = int(client.get("data", {}).get("skipped_samples", 0)) if client is not None else 0
-    # the last data epoch in which a shard read came up short, on any rank (its lanes replay on a resume)
-    short_epoch = int(client.get("data", {}).get("short_read_epoch", -1)) if client is not None else -1
+    # this rank's shard reads that came up short before the resume point (data/stream.py Shortfall): its
+    # lanes are rebuilt with them, as they were read; kept only for the same ranks and data settings
+    shortfalls = _saved_shortfalls(client, env, changed)
 
     monitor = Monitor(cfg, engine, run_dir, env.device, env.rank)
     flops_per_image, peak = _throughput_model(cfg, env.device)
@@ -272,7 +284,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
     spec = StreamSpec(
         tuple(tuple(s) for s in sets), cfg.train.micro_batch, plan.micro_batches_per_epoch, env.rank,
         env.world_size, cfg.run.seed, d.shuffle_buffer, d.sampling, tuple(d.weights), d.open_retries, d.lanes,
-        expected, short_epoch,
+        expected, {tuple(f[:4]): f[4] for f in shortfalls},
     )  # fmt: skip
     loader = iter(build_train_loader(spec, augment, cfg.data.workers, start * ga, env.device.type == "cuda"))
     stopper = StopOnSignal(list(cfg.checkpoint.stop_signals), env.device)
@@ -283,8 +295,9 @@ def train(cfg: Config, env: DistEnv) -> dict:
         total = skipped_before + check_fit_to_save(
             engine.module, loss_sum, first, step, skipped, ckpt.dir, env.device, advice
         )
+        shortfalls[:] = [f for f in shortfalls if f[0] >= step * ga // plan.micro_batches_per_epoch]  # still ahead
         data = {**data_state, "position": step * ga, "skipped_samples": total,
-                "short_read_epoch": _max_across_ranks(short_epoch, env.device)}  # fmt: skip
+                "shortfalls": _gathered_shortfalls(shortfalls, env.world_size)}  # fmt: skip
         state = {"step": step, "data": data, "config": asdict(cfg)}
         ckpt.save(engine, step, state)
 
@@ -316,8 +329,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
                     f"data stream out of order: got micro-batch {batch.index}, expected {step * ga + micro}"
                 )
             skipped += batch.skipped
-            if batch.short:
-                short_epoch = max(short_epoch, batch.index // plan.micro_batches_per_epoch)
+            shortfalls.extend(batch.shortfalls)
             if isinstance(batch.images, EncodedImages):  # data.decode=device
                 pixels, failed = batch.images.decode(env.device, fallback=last_pixels)
                 skipped += failed

@@ -606,9 +606,9 @@ class _Counting(ShardStream):
         super().__init__(*args, **kw)
         self.parsed = 0
 
-    def _shard_samples(self, url, first=0, stop=None, dead=None, count=True):
+    def _shard_samples(self, url, first=0, stop=None, dead=None, count=True, where=None):
         self.parsed += first  # a read starts at the shard's head
-        for sample in super()._shard_samples(url, first, stop, dead, count):
+        for sample in super()._shard_samples(url, first, stop, dead, count, where):
             self.parsed += 1
             yield sample
 
@@ -732,27 +732,94 @@ def test_a_remote_manifest_fetch_is_retried_and_timed_out(tmp_path, monkeypatch)
     with pytest.raises(TimeoutError, match="no answer in 1 s"):
         remote_manifest.fetch_text("s3://b/p/manifest.json", timeout_s=0.6)
     assert time.monotonic() - started < 10
+    # A wrapper that leaves a child holding the pipe (the pipe never ends): its exit is the end.
+    _fake_aws(tmp_path, monkeypatch, f"echo '{body}'\nsleep 30 &\nexit 0\n")
+    started = time.monotonic()
+    assert remote_manifest.fetch_text("s3://b/p/manifest.json", timeout_s=20).strip() == body
+    assert time.monotonic() - started < 5
 
 
-def test_a_shard_found_short_before_the_interruption_makes_its_epoch_replay(tmp_path):
-    """A shard holding fewer samples than its manifest says moves every later position of the lane's input,
-    so the buffer cannot be rebuilt from the counts: the batch that met it reports ``short``, the trainer
-    saves that epoch, and a resume in it replays its lanes (the uninterrupted stream, exactly)."""
+def _shortfalls(batches) -> dict:
+    """What the trainer passes a resumed stream: the batches' shortfalls, as StreamSpec.shortfalls."""
+    return {tuple(f[:4]): f[4] for b in batches for f in b.shortfalls}
+
+
+@pytest.mark.parametrize("sampling", ["exact", "resampled"])
+def test_a_shard_found_short_before_the_interruption_is_rebuilt_as_it_was_read(tmp_path, sampling):
+    """A shard holding fewer samples than its manifest says moves every later position of the lane's input:
+    the batch that met it reports the shortfall (which part, where it ended), the trainer saves it, and a
+    resume rebuilds the lane with that part cut there: the uninterrupted stream, exactly, still without
+    reading what it had consumed."""
     pattern = write_shards(tmp_path, demo_samples("train", 400), [10] * 40)
     urls = expand_shards(pattern)
-    short = Path(urls[3])
-    with wds.TarWriter(str(short)) as sink:  # rewritten with 5 of its 10 samples; the manifest still says 10
+    with wds.TarWriter(urls[3]) as sink:  # rewritten with 5 of its 10 samples; the manifest still says 10
         for s in list(wds.tarfile_samples([{"url": str(tmp_path / "shard-000010.tar")}]))[:5]:
             sink.write({"__key__": s["__key__"] + "x", "png": s["png"], "cls": s["cls"]})
-    kw = dict(world=1, per_epoch=50, sampling="exact")
-    full = _keys(itertools.islice(ShardStream(spec(urls, **kw), AUG)._raw_samples(0, 0, 1), 395))
-    batches = take(urls, 30, **kw)
-    met = [b.index for b in batches if b.short]
-    assert met and met[0] < 25 and sum(b.short for b in batches) == 5  # met before micro-batch 25
-    replayed = ShardStream(replace(spec(urls, **kw), replay_epoch=0), AUG)
-    assert _keys(itertools.islice(replayed._raw_samples(0, 0, 1, 200), 150)) == full[200:350]
-    rebuilt = ShardStream(spec(urls, **kw), AUG)  # what a resume without the saved epoch would give
+    kw = dict(world=1, per_epoch=50, sampling=sampling)
+    full = _keys(itertools.islice(ShardStream(spec(urls, **kw), AUG)._raw_samples(0, 0, 1), 350))
+    batches = take(urls, 25, **kw)  # the run up to its checkpoint at micro-batch 25 (sample 200)
+    met = _shortfalls(batches)
+    assert met and all(end < 10 for end in met.values())
+    resumed = _Counting(replace(spec(urls, **kw), shortfalls=met), AUG)
+    assert _keys(itertools.islice(resumed._raw_samples(0, 0, 1, 200), 150)) == full[200:350]
+    assert resumed.parsed < 300 and resumed._errors.count == 0  # rebuilt (a replay reads 350), nothing counted twice
+    rebuilt = ShardStream(spec(urls, **kw), AUG)  # without the shortfalls: other samples
     assert _keys(itertools.islice(rebuilt._raw_samples(0, 0, 1, 200), 150)) != full[200:350]
+
+
+def test_a_shard_that_failed_before_the_interruption_and_reads_now_is_rebuilt_as_it_failed(tmp_path):
+    """A remote shard that could not be read (after its retries) before the interruption reads fine at the
+    resume: the rebuilt lane still leaves it out where the run had, so the stream is the uninterrupted one
+    (a replay would have read it and given another)."""
+    write_shards(tmp_path / "set", demo_samples("train", 400), [10] * 40)
+    failed = []
+
+    class FailsOnce(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def do_GET(self):  # noqa: N802 - the http.server hook's name
+            if self.path.endswith("shard-000007.tar") and not failed:
+                failed.append(self.path)
+                self.send_error(503)
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FailsOnce)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        web = [f"http://127.0.0.1:{server.server_port}/set/shard-{n:06d}.tar" for n in range(40)]
+        kw = dict(world=1, per_epoch=50, sampling="exact", retries=1)
+        straight = ShardStream(spec(web, **kw), AUG)
+        full = _keys(itertools.islice(straight._raw_samples(0, 0, 1), 350))
+        assert failed and straight._errors.count == 10
+        met = {tuple(f[:4]): f[4] for f in straight._shortfalls}
+        assert list(met.values()) == [0]  # the part gave nothing
+        resumed = ShardStream(replace(spec(web, **kw), shortfalls=met), AUG)
+        assert _keys(itertools.islice(resumed._raw_samples(0, 0, 1, 200), 150)) == full[200:350]
+        replayed = ShardStream(spec(web, **kw), AUG)  # without them: shard 7 reads now, another stream
+        assert _keys(itertools.islice(replayed._raw_samples(0, 0, 1, 200), 150)) != full[200:350]
+    finally:
+        server.shutdown()
+
+
+def test_a_shard_longer_than_its_manifest_is_read_to_its_count(tmp_path, caplog):
+    """Extra samples past the manifest's count would move every later position (and a rebuilt resume would
+    not know): the read stops at the count, with a warning."""
+    pattern = write_shards(tmp_path, demo_samples("train", 400), [10] * 40)
+    urls = expand_shards(pattern)
+    body = json.loads((tmp_path / "manifest.json").read_text())
+    body["shards"][3]["samples"] = 8
+    (tmp_path / "manifest.json").write_text(json.dumps(body))
+    kw = dict(world=1, per_epoch=49, sampling="resampled")
+    with caplog.at_level("WARNING"):
+        full = _keys(itertools.islice(ShardStream(spec(urls, **kw), AUG)._raw_samples(0, 0, 1), 350))
+    assert "holds more samples than the 8 its manifest lists" in caplog.text
+    rebuilt = ShardStream(spec(urls, **kw), AUG)
+    assert _keys(itertools.islice(rebuilt._raw_samples(0, 0, 1, 200), 150)) == full[200:350]
 
 
 def test_a_resume_whose_remote_manifest_cannot_be_read_keeps_the_counts_it_started_with(tmp_path, monkeypatch, caplog):
@@ -772,6 +839,6 @@ def test_a_resume_whose_remote_manifest_cannot_be_read_keeps_the_counts_it_start
         with caplog.at_level("WARNING"):
             assert run_shard_counts(web, True, 0, run) == {web[0]: 70, web[1]: 80}
             assert run_shard_counts(web, False, 0, run) == {web[0]: 70, web[1]: 80}
-        assert f"come from {run / SAVED_NAME}, read at an earlier start" in caplog.text
+        assert f"come from {run / SAVED_NAME}, as last read: cannot count" in caplog.text and "404" in caplog.text
         with pytest.raises(CountsUnavailable, match="cannot count the samples of the shards in http"):
             run_shard_counts(web, True, 0, tmp_path / "new_run")  # a new run has nothing kept

@@ -356,10 +356,10 @@ def test_resume_under_another_zero_stage(tmp_path, shard_set, zero2_straight):
     assert "ds_configs/zero3.json" in proc.stderr
 
 
-def test_a_resume_in_an_epoch_with_short_shards_replays_it_and_matches(tmp_path, shard_set):
+def test_a_resume_after_short_shards_rebuilds_the_lanes_as_they_were_read(tmp_path, shard_set):
     """Shards holding fewer samples than their manifest says move the lanes' later positions: the
-    checkpoint records the epoch in which a read came up short, and the resume replays that epoch's lanes
-    instead of rebuilding their shuffle buffers from the counts, so it continues exactly."""
+    checkpoint records each rank's shortfalls, and the resume rebuilds its lanes with those parts cut
+    where the reads ended, so it continues exactly."""
     data = tmp_path / "data"
     shutil.copytree(Path(shard_set).parent, data)
     manifest = json.loads((data / "manifest.json").read_text())
@@ -371,7 +371,8 @@ def test_a_resume_in_an_epoch_with_short_shards_replays_it_and_matches(tmp_path,
     straight = tmp_path / "straight"
     run_trainer(straight, shards, common)
     saved = torch.load(straight / "checkpoints/step_00000004/mp_rank_00_model_states.pt", weights_only=False)
-    assert saved["data"]["short_read_epoch"] == 0
+    falls = saved["data"]["shortfalls"]
+    assert falls["world_size"] == 2 and any(falls["by_rank"].values())  # met before step 4
     run = tmp_path / "resumed"
     shutil.copytree(straight, run)
     shutil.rmtree(run / "checkpoints/step_00000008")  # as if stopped after step 4

@@ -31,8 +31,8 @@ _IGNORE_STEP_SIGNALS = 'trap "" ' + " ".join(s.name.removeprefix("SIG") for s in
 # curl gives up on a transfer slower than 1 KiB/s for 5 minutes (a stalled server) instead of hanging
 # the reader for ever. No curl --retry: after part of the body has gone down the pipe, curl would send
 # the whole body again behind it (a shard spliced from two reads); the stream restarts the read itself
-# and skips what it already has (data.open_retries). -sS: no progress meter, but the error ("(22) ... 404").
-CURL = ["curl", "--connect-timeout", "30", "--speed-limit", "1024", "--speed-time", "300", "-f", "-sS", "-L"]
+# and skips what it already has (data.open_retries).
+CURL = ["curl", "--connect-timeout", "30", "--speed-limit", "1024", "--speed-time", "300", "-f", "-s", "-L"]
 
 
 class ReaderFailed(OSError):
@@ -100,7 +100,10 @@ def open_shard(url: str, bufsize: int = 1 << 16, stderr: IO | None = None) -> Sh
         return _start([_SHELL, "-c", _IGNORE_STEP_SIGNALS + url[5:]], bufsize, stderr)
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in _COMMANDS:
-        argv = [_SHELL, "-c", _IGNORE_STEP_SIGNALS + 'exec "$0" "$@"', *_COMMANDS[scheme](url)]
+        command = _COMMANDS[scheme](url)
+        if stderr is not None and command[0] == "curl":
+            command.insert(1, "-S")  # its messages are kept: with -s, its error ("(22) ... 404") too
+        argv = [_SHELL, "-c", _IGNORE_STEP_SIGNALS + 'exec "$0" "$@"', *command]
         return _start(argv, bufsize, stderr)
     if scheme and scheme != "file":  # one only webdataset knows (hf://): its curl inherits the blocked signals
         with held(STEP_SIGNALS):

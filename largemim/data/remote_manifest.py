@@ -24,14 +24,11 @@ from largemim.data.readers import READER_SCHEMES, ReaderFailed, open_shard
 
 log = logging.getLogger(__name__)
 
-FETCH_TIMEOUT_S = 120.0  # per attempt
+FETCH_TIMEOUT_S = 60.0  # per attempt: 3 of them, folders side by side, stay well within the 10 minutes
+# the other ranks wait for rank 0 in a collective (the process group's default timeout)
 FETCH_ATTEMPTS = 3  # an object store's passing error (503, a reset) costs one more start-up second or two
 MAX_MANIFEST_BYTES = 256 << 20  # about 4M shards
 _FETCHED = frozenset(READER_SCHEMES) | {"file"}
-
-
-class ManifestUnavailable(ValueError):
-    """A remote folder's manifest could not be read (missing, unreachable, not a manifest)."""
 
 
 def manifest_folder(url: str) -> str | None:
@@ -44,54 +41,53 @@ def manifest_folder(url: str) -> str | None:
     return url.rsplit("/", 1)[0]
 
 
-def remote_counts(urls: list[str], strict: bool) -> dict[str, int]:
-    """Samples per remote shard, from each folder's manifest (folders fetched side by side). ``strict``: a
-    folder whose manifest cannot be read is an error naming why; else its shards are left out, with a
-    warning."""
+def remote_counts(urls: list[str]) -> tuple[dict[str, int], dict[str, str]]:
+    """Samples per remote shard from each folder's manifest (folders fetched side by side, once), and why
+    each folder whose manifest could not be read has none (:func:`unavailable` words it)."""
     by_folder: dict[str, list[str]] = {}
     for u in urls:
         if (f := manifest_folder(u)) is not None:
             by_folder.setdefault(f, []).append(u)
     folders = sorted(by_folder)
     if not folders:
-        return {}
+        return {}, {}
     log.info("reading the sample counts of %d remote shard folder(s), e.g. %s/%s", len(folders), folders[0],
              MANIFEST_NAME)  # fmt: skip
     with ThreadPoolExecutor(min(16, len(folders))) as pool:
         fetched = list(pool.map(_fetch_manifest, folders))
     counts: dict[str, int] = {}
+    failures: dict[str, str] = {}
     for folder, manifest in zip(folders, fetched, strict=True):
-        if isinstance(manifest, ManifestUnavailable):
-            if strict:
-                raise ManifestUnavailable(
-                    f"cannot count the samples of the shards in {folder}: {manifest}; upload their {MANIFEST_NAME} "
-                    "next to them (tools/write_manifest.py writes one), or set data.num_samples"
-                )
-            log.warning(
-                "no sample counts for the shards in %s (%s): exact epochs are only nearly exact and a resume "
-                "reads past what each lane had consumed; upload their %s (tools/write_manifest.py writes one)",
-                folder, manifest, MANIFEST_NAME,
-            )  # fmt: skip
+        if isinstance(manifest, str):
+            failures[folder] = manifest
             continue
         listed = {s.url if "://" in s.url else f"{folder}/{s.url}": s.samples for s in manifest.shards}
         counts.update((u, listed[u]) for u in by_folder[folder] if u in listed)
-    return counts
+    return counts, failures
 
 
-def _fetch_manifest(folder: str) -> Manifest | ManifestUnavailable:
+def unavailable(folder: str, reason: str) -> str:
+    return (
+        f"cannot count the samples of the shards in {folder}: {reason}; upload their {MANIFEST_NAME} next to "
+        "them (tools/write_manifest.py writes one), or set data.num_samples"
+    )
+
+
+def _fetch_manifest(folder: str) -> Manifest | str:
+    """The folder's manifest, or why there is none."""
     where = f"{folder}/{MANIFEST_NAME}"
     for attempt in range(1, FETCH_ATTEMPTS + 1):
         try:
             return Manifest.parse(fetch_text(where), where)
         except FileNotFoundError as e:  # file://: not there (a store's "not found" is tried again: its CLI
-            return ManifestUnavailable(str(e))  # exits 1 on a 404 and on a passing 503 alike)
+            return f"{e}"  # exits 1 on a 404 and on a passing 503 alike)
         except OSError as e:  # not reachable now, or not there: tried again
             error = e
         except ValueError as e:  # there, but no manifest: the same again
-            return ManifestUnavailable(str(e))
+            return f"{e}"
         if attempt < FETCH_ATTEMPTS:
             time.sleep(attempt)
-    return ManifestUnavailable(f"{error} ({FETCH_ATTEMPTS} attempts)")
+    return f"{error} ({FETCH_ATTEMPTS} attempts)"
 
 
 def fetch_text(url: str, timeout_s: float = FETCH_TIMEOUT_S) -> str:
@@ -103,8 +99,11 @@ def fetch_text(url: str, timeout_s: float = FETCH_TIMEOUT_S) -> str:
         reader = open_shard(url, stderr=messages)
         try:
             if reader.proc is None:  # file://
-                return reader.stream.read().decode("utf-8", errors="replace")
-            data = _read_by(reader.stream.fileno(), deadline, timeout_s)
+                data = reader.stream.read(MAX_MANIFEST_BYTES + 1)
+                if len(data) > MAX_MANIFEST_BYTES:
+                    raise ValueError(f"larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest")
+                return data.decode("utf-8", errors="replace")
+            data = _read_by(reader, deadline, timeout_s)
             try:
                 status = reader.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -118,14 +117,20 @@ def fetch_text(url: str, timeout_s: float = FETCH_TIMEOUT_S) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def _read_by(fd: int, deadline: float, timeout_s: float) -> bytes:
-    """All of a pipe, by ``deadline``, at most MAX_MANIFEST_BYTES."""
+def _read_by(reader, deadline: float, timeout_s: float) -> bytes:
+    """All of a reader's pipe by ``deadline``, at most MAX_MANIFEST_BYTES. Its end is the pipe's end, or
+    the reader's exit with nothing left to read (a child it left behind may hold the pipe open)."""
+    fd = reader.stream.fileno()
+    poller = select.poll()  # not select(): it cannot take a descriptor above 1023
+    poller.register(fd, select.POLLIN | select.POLLHUP)
     chunks, size = [], 0
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"no answer in {timeout_s:.0f} s")
-        if not select.select([fd], [], [], left)[0]:
+        if not poller.poll(min(left, 0.5) * 1000):
+            if reader.proc.poll() is not None:
+                return b"".join(chunks)
             continue
         chunk = os.read(fd, 1 << 16)
         if not chunk:

@@ -57,7 +57,7 @@ def fast_forward(
     size_of: Callable[[Part], int],
     read: Callable[[str, int, int], Iterator[dict]],
     lost: Callable[[int, str], None],
-) -> list[Iterator[Part]]:
+) -> list[tuple[Iterator[Part], int]]:
     """Put an empty ``buffer`` where it would stand after giving ``skip`` samples, and return where each
     source's input goes on. The buffer's input takes its next sample from source ``choose()`` (which may
     draw from an RNG: it is drawn exactly as the real input draws it); ``sources[i]()`` lists source
@@ -66,7 +66,8 @@ def fast_forward(
     stop)`` gives that range's samples in order, counting nothing it cannot read. A buffered sample that
     cannot be read back (its shard is gone or damaged since) is held as ``{"__missing__": True}``: it
     keeps its place in the draws, and its batch fills it as it fills an undecodable sample; their number
-    goes to ``lost(count, message)`` once."""
+    goes to ``lost(count, message)`` once. Each source goes on as (its parts from the resume point on,
+    the index among its parts of the first of them)."""
     taken = [0] * len(sources)
 
     def positions() -> Iterator[tuple[int, int]]:
@@ -85,9 +86,9 @@ def fast_forward(
     rest = []
     for i, parts in enumerate(sources):
         wanted = sorted(k for j, k in buffer.items if j == i)
-        got, goes_on = _read_back(parts(), wanted, taken[i], size_of, read)
+        got, goes_on, index = _read_back(parts(), wanted, taken[i], size_of, read)
         found.update(((i, k), sample) for k, sample in got.items())
-        rest.append(goes_on)
+        rest.append((goes_on, index))
     missing = [found[p] for p in buffer.items if found[p].get("__missing__")]
     if missing:
         lost(len(missing), f"a resumed lane could not read back {len(missing)} of the {len(buffer.items)} samples "
@@ -102,12 +103,12 @@ def _read_back(
     consumed: int,
     size_of: Callable[[Part], int],
     read: Callable[[str, int, int], Iterator[dict]],
-) -> tuple[dict[int, dict], Iterator[Part]]:
+) -> tuple[dict[int, dict], Iterator[Part], int]:
     """The samples at the ``wanted`` positions (sorted, all below ``consumed``) of a source (a placeholder
-    where one cannot be read), and its parts from position ``consumed`` on."""
+    where one cannot be read), its parts from position ``consumed`` on, and the index of the first."""
     got: dict[int, dict] = {}
-    start, j = 0, 0
-    for url, first, stop in parts:
+    start, j, index = 0, 0, -1
+    for index, (url, first, stop) in enumerate(parts):  # noqa: B007 - the last index is returned
         end = start + size_of((url, first, stop))
         here = []
         while j < len(wanted) and wanted[j] < end:
@@ -121,6 +122,6 @@ def _read_back(
             for k in here:
                 got.setdefault(k, {"__missing__": True, "__key__": f"{url} sample {first + k - start}", "__url__": url})
         if consumed < end:
-            return got, itertools.chain([(url, first + consumed - start, stop)], parts)
+            return got, itertools.chain([(url, first + consumed - start, stop)], parts), index
         start = end
-    return got, iter(())
+    return got, iter(()), index + 1

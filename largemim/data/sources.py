@@ -10,7 +10,7 @@ from webdataset.gopen import gopen_schemes
 
 from largemim.data.manifest import MANIFEST_NAME, Manifest
 from largemim.data.readers import READER_SCHEMES
-from largemim.data.remote_manifest import manifest_folder, remote_counts
+from largemim.data.remote_manifest import manifest_folder, remote_counts, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,8 @@ def expand_shards(pattern: str) -> list[str]:
     return urls
 
 
-def manifest_counts(urls: list[str], strict: bool = False) -> dict[str, int]:
-    """Samples per shard, for the shards whose folder's manifest lists them: a local folder's
-    ``manifest.json``, or a remote one's (:mod:`largemim.data.remote_manifest`). ``strict``: a folder
+def local_counts(urls: list[str], strict: bool = False) -> dict[str, int]:
+    """Samples per local shard, for those whose folder's ``manifest.json`` lists them. ``strict``: a folder
     without a readable manifest is an error (else its shards are left out)."""
     counts: dict[str, int] = {}
     for folder in sorted({str(Path(u).parent) for u in urls if is_local(u)}):
@@ -68,8 +67,49 @@ def manifest_counts(urls: list[str], strict: bool = False) -> dict[str, int]:
             continue
         for s in manifest.shards:
             counts[str(Path(folder) / s.url)] = s.samples
-    found = {u: counts[str(Path(u))] for u in urls if is_local(u) and str(Path(u)) in counts}
-    return {**found, **remote_counts(urls, strict)}
+    return {u: counts[str(Path(u))] for u in urls if is_local(u) and str(Path(u)) in counts}
+
+
+def manifest_counts(urls: list[str], strict: bool = False) -> dict[str, int]:
+    """Samples per shard, for the shards whose folder's manifest lists them: a local folder's
+    ``manifest.json``, or a remote one's (:mod:`largemim.data.remote_manifest`). ``strict``: a folder
+    without a readable manifest is an error (else its shards are left out, with a warning for a remote
+    one)."""
+    counts = local_counts(urls, strict)
+    remote, failures = remote_counts(urls)
+    for folder, reason in sorted(failures.items()):
+        if strict:
+            raise ValueError(unavailable(folder, reason))
+        warn_uncounted(folder, reason)
+    return {**counts, **remote}
+
+
+def warn_uncounted(folder: str, reason: str) -> None:
+    log.warning(
+        "no sample counts for the shards in %s (%s): exact epochs are only nearly exact and a resume reads past "
+        "what each lane had consumed; upload their %s (tools/write_manifest.py writes one)",
+        folder, reason, MANIFEST_NAME,
+    )  # fmt: skip
+
+
+def why_uncounted(url: str, failures: dict[str, str]) -> str:
+    """Why ``url`` has no sample count, and what to do (``failures``: remote folders' reasons)."""
+    if is_local(url):
+        try:
+            Manifest.load(Path(url).parent)
+        except (OSError, ValueError) as e:
+            return f"{e}"
+    elif (folder := manifest_folder(url)) is None:
+        return (
+            f"cannot count the samples of shards such as {url!r} (pipe: commands, URLs with a query and schemes "
+            "only webdataset reads have no manifest read): set data.num_samples"
+        )
+    elif folder in failures:
+        return unavailable(folder, failures[folder])
+    return (
+        f"shard {url!r} is not in its folder's {MANIFEST_NAME}; rewrite the manifest (tools/write_manifest.py) "
+        "or set data.num_samples"
+    )
 
 
 def count_samples(urls: list[str]) -> int:
@@ -79,19 +119,15 @@ def count_samples(urls: list[str]) -> int:
 
 
 def sample_counts(urls: list[str]) -> dict[str, int]:
-    """Samples per shard from the manifest(s) in their folders; raises if a shard's folder has no readable
-    manifest, or none is read for it (:mod:`largemim.data.remote_manifest`), or it is not listed."""
-    uncounted = [u for u in urls if not is_local(u) and manifest_folder(u) is None]
-    if uncounted:
-        raise ValueError(
-            f"cannot count the samples of shards such as {uncounted[0]!r} (pipe: commands, URLs with a query and "
-            "schemes only webdataset reads have no manifest read): set data.num_samples"
-        )
-    counts = manifest_counts(urls, strict=True)
-    unknown = [u for u in urls if u not in counts]
-    if unknown:
-        raise ValueError(
-            f"shard {unknown[0]!r} is not in its folder's {MANIFEST_NAME}; rewrite the manifest with "
-            "tools/make_shards.py or set data.num_samples"
-        )
+    """Samples per shard from the manifest(s) in their folders; raises, saying why and what to do, if one
+    has none (:func:`why_uncounted`)."""
+    uncountable = next((u for u in urls if not is_local(u) and manifest_folder(u) is None), None)
+    if uncountable is not None:  # before any fetch
+        raise ValueError(why_uncounted(uncountable, {}))
+    counts = local_counts(urls)
+    remote, failures = remote_counts(urls)
+    counts.update(remote)
+    missing = next((u for u in urls if u not in counts), None)
+    if missing is not None:
+        raise ValueError(why_uncounted(missing, failures))
     return counts

@@ -70,20 +70,26 @@ from largemim.data.sources import is_local
 log = logging.getLogger(__name__)
 
 
+# A read of a lane's part that came up short (a truncated, damaged or unreachable shard): (epoch, lane, set,
+# the part's index in the lane's sequence, the sample of the shard the read ended at). Later positions of
+# the lane's input move with it, so a resume rebuilds the lane from the counts with these parts cut there.
+Shortfall = tuple[int, int, int, int, int]
+
+
 @dataclass
 class Batch:
     index: int  # this rank's micro-batch number since the start of the run
     images: torch.Tensor | EncodedImages  # (micro_batch, 3, H, W) uint8 pixels, normalised on the training
     # device (augment.Normalise), or files to decode there (data.decode=device)
     skipped: int  # samples this worker skipped as undecodable since its previous batch
-    short: int = 0  # of those, samples a shard read came up short of (truncated, unreadable): they move
-    # the lane's later samples, so a resume in this data epoch replays its lanes (StreamSpec.replay_epoch)
+    shortfalls: tuple = ()  # reads that came up short since then (Shortfall): they move the lane's later
+    # positions, so the trainer saves them and a resume rebuilds the lane with them (StreamSpec.shortfalls)
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader's pin thread (``pin_memory=True``), which passes dataclasses through
         unpinned otherwise; files for device decoding stay where they are (nvJPEG reads host memory)."""
         if isinstance(self.images, torch.Tensor):
-            return Batch(self.index, self.images.pin_memory(), self.skipped, self.short)
+            return Batch(self.index, self.images.pin_memory(), self.skipped, self.shortfalls)
         return self
 
 
@@ -101,8 +107,8 @@ class StreamSpec:
     open_retries: int = 3
     lanes: int = 0  # sample streams per rank; 0 = one per loader worker (a multiple of the workers otherwise)
     expected: Mapping[str, int] = field(default_factory=dict)  # samples per shard, from the manifests
-    replay_epoch: int = -1  # a data epoch in which a shard read came up short before the resume point:
-    # resumed lanes of that epoch replay their input (positions no longer follow the counts)
+    shortfalls: Mapping[tuple[int, int, int, int], int] = field(default_factory=dict)  # this rank's reads that
+    # came up short before the resume point: (epoch, lane, set, part index) -> the sample the read ended at
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -121,19 +127,17 @@ def check_exact_split(num_shards: int, world_size: int, lanes_per_rank: int) -> 
 
 
 class _SkipCounter:
-    """Counts the samples skipped as unreadable (a webdataset handler for one broken sample), and apart,
-    those of them a shard read came up short of (``short``: they were never read)."""
+    """Counts the samples skipped as unreadable (a webdataset handler for one broken sample)."""
 
     def __init__(self) -> None:
-        self.count = self.short = 0
+        self.count = 0
 
     def __call__(self, exn: Exception) -> bool:
         self.add(1, f"skipping unreadable data: {exn}")
         return True
 
-    def add(self, samples: int, message: str, short: bool = False) -> None:
+    def add(self, samples: int, message: str) -> None:
         self.count += samples
-        self.short += samples if short else 0
         log.warning("%s", message)
 
 
@@ -158,6 +162,8 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.spec, self.augment, self.start_batch = spec, augment, start_batch
         self._errors = _SkipCounter()
+        self._shortfalls: list[tuple[int, int, int, int, int]] = []  # Shortfall, as they happen
+        self._overrun: set[str] = set()  # shards found longer than their manifest (warned once)
 
     # -- which shards a (rank, worker) reads in an epoch
     def _epoch_order(self, epoch: int) -> list[str]:
@@ -209,22 +215,31 @@ class ShardStream(IterableDataset):
             pos = 0
         return parts
 
-    def _samples_of(self, parts: Iterator[tuple[str, int, int | None]], dead: set) -> Iterator[dict]:
+    def _samples_of(
+        self, parts: Iterator[Part], dead: set, tag: tuple[int, int, int] | None = None, start: int = 0
+    ) -> Iterator[dict]:
         """The samples of each (url, first, stop) range in turn. ``dead``: the ranges that gave nothing,
         one lane's for one epoch: passed over without another try, and not counted again; an outage while
-        a remote shard is opened costs that range one epoch, not the run. (A resumed lane knows only those
-        it met since the resume: with damaged data its later passes may try the others again.)"""
-        for part in parts:
+        a remote shard is opened costs that range one epoch, not the run. ``tag``: (epoch, lane, set) of a
+        sequence a resume may rebuild, whose parts are numbered from ``start``: a read that comes up short
+        is recorded as a :data:`Shortfall`."""
+        for j, part in enumerate(parts, start):
             if part in dead:
                 continue
-            yield from self._shard_samples(*part, dead=dead)
+            yield from self._shard_samples(*part, dead=dead, where=None if tag is None else (*tag, j))
 
     def _read_back(self, url: str, first: int, stop: int) -> Iterator[dict]:
         """A resumed lane's buffered samples (:func:`fast_forward` counts the ones it cannot read)."""
         return self._shard_samples(url, first, stop, count=False)
 
     def _shard_samples(
-        self, url: str, first: int = 0, stop: int | None = None, dead: set | None = None, count: bool = True
+        self,
+        url: str,
+        first: int = 0,
+        stop: int | None = None,
+        dead: set | None = None,
+        count: bool = True,
+        where: tuple[int, int, int, int] | None = None,
     ) -> Iterator[dict]:
         """Samples ``first`` to ``stop`` (None: the end) of one shard, in order; the ones before ``first``
         are read past without decoding. A failing read (a ``pipe:`` command or curl that cannot start,
@@ -234,10 +249,13 @@ class ShardStream(IterableDataset):
         off between two members of a sample never gives that sample half-made. A damaged tar (not an I/O
         error) is not read again. What could not be read is skipped with one warning and counted (the
         samples of the range the manifest says are missing, else one); a range that gave no sample is
-        added to ``dead``. ``count`` False: a failure is logged, not counted."""
+        added to ``dead``. ``count`` False: a failure is logged, not counted. With the shard's count known
+        the read ends there: a longer shard's extra samples would move every later position (warned)."""
         attempts = max(1, self.spec.open_retries)
         expected = self.spec.expected.get(url)
-        limit = stop if stop is not None else expected  # the samples this read should end with
+        part_stop, capped = stop, stop is None and expected is not None
+        stop = expected if capped else stop
+        limit = stop  # the samples this read should end with (None: unknown)
         given, error = first, None
         for attempt in range(1, attempts + 1):
             if attempt > 1:
@@ -284,20 +302,27 @@ class ShardStream(IterableDataset):
                 if reader is not None:
                     reader.abandon()  # stopped early (failure, or the lane moved on): end the reader now
 
+        if capped and error is None and cut and url not in self._overrun:
+            self._overrun.add(url)
+            log.warning("shard %s holds more samples than the %d its manifest lists: the rest are not read "
+                        "(tools/write_manifest.py counts it again)", url, expected)  # fmt: skip
+
         def report(samples: int, message: str) -> None:
-            if count:
-                self._errors.add(samples, message, short=True)
-            else:
+            if not count:
                 log.warning("%s", message)
+                return
+            self._errors.add(samples, message)
+            if where is not None:
+                self._shortfalls.append((*where, given))
 
         if error is not None:
             missing = limit - given if limit is not None and limit > given else 1
-            where = (
+            done = (
                 f"samples {first}-{limit or 'end'}: read {given - first}" if first or stop else f"read {given} samples"
             )
-            report(missing, f"shard {url} ({where}, then failed: {error}); the rest is skipped")
+            report(missing, f"shard {url} ({done}, then failed: {error}); the rest is skipped")
             if given == first and dead is not None:
-                dead.add((url, first, stop))
+                dead.add((url, first, part_stop))
         elif limit is not None and given < limit:
             report(
                 limit - given,
@@ -327,13 +352,16 @@ class ShardStream(IterableDataset):
                 random.Random(f"{s.seed}-cycle-{epoch}-{s.rank}-{lane}-{cycle}").shuffle(order)
             rng = random.Random(f"{s.seed}-shuffle-{epoch}-{s.rank}-{lane}" + (f"-{cycle}" if cycle else ""))
             buffer, read = ShuffleBuffer(s.shuffle_buffer, rng), 0
-            samples = self._samples_of(iter(order), dead)
-            if drop and not cycle and self._positions_known(epoch, [u for u, _, _ in order]):
-                total = sum(map(self._part_size, order))
-                if drop < total:  # always, unless the manifests undercount the deal
-                    sources, back, lost = [functools.partial(iter, order)], self._read_back, self._errors.add
-                    rest = fast_forward(buffer, sources, [total], lambda: 0, drop, self._part_size, back, lost)
-                    samples, read, drop = self._samples_of(rest[0], dead), drop, 0
+            tag = None if cycle else (epoch, lane, 0)  # the first pass is the one a resume rebuilds
+            samples = self._samples_of(iter(order), dead, tag)
+            if drop and not cycle and self._counted([u for u, _, _ in order]):
+                cut = self._cut(order, epoch, lane, 0)  # as the reads before the resume point found them
+                total = sum(map(self._part_size, cut))
+                if drop < total:  # always, unless the lane's deal ran out before the resume point
+                    dead.update(p for p, c in zip(order, cut, strict=True) if c[2] == c[1] != p[2])  # gave nothing
+                    sources, back, lost = [functools.partial(iter, cut)], self._read_back, self._errors.add
+                    [(rest, j)] = fast_forward(buffer, sources, [total], lambda: 0, drop, self._part_size, back, lost)
+                    samples, read, drop = self._samples_of(rest, dead, tag, j), drop, 0
             for sample in buffer.run(samples):
                 read += 1
                 if drop:
@@ -359,7 +387,21 @@ class ShardStream(IterableDataset):
         """Resampled mode: a lane's shard sequence of an epoch (from one set, when mixing), as whole shards."""
         return ((url, 0, None) for url in self._shard_order(epoch, lane, set_index))
 
-    def _endless(self, parts: Iterator[Part]) -> Iterator[dict]:
+    def _cut_draws(self, epoch: int, lane: int, set_index: int) -> Iterator[Part]:
+        """The draws as the reads before the resume point found them (:data:`Shortfall`)."""
+        cuts = self._cuts(epoch, lane, set_index)
+        for j, (url, first, stop) in enumerate(self._draws(epoch, lane, set_index)):
+            yield (url, first, cuts[j]) if j in cuts else (url, first, stop)
+
+    def _cut(self, parts: list[Part], epoch: int, lane: int, set_index: int) -> list[Part]:
+        cuts = self._cuts(epoch, lane, set_index)
+        return [(u, f, cuts[j]) if j in cuts else (u, f, st) for j, (u, f, st) in enumerate(parts)]
+
+    def _cuts(self, epoch: int, lane: int, set_index: int) -> dict[int, int]:
+        here = (epoch, lane, set_index)
+        return {j: end for (e, ln, si, j), end in self.spec.shortfalls.items() if (e, ln, si) == here}
+
+    def _endless(self, parts: Iterator[Part], tag: tuple[int, int, int], start: int = 0) -> Iterator[dict]:
         """Samples of the lane's shard sequence; a clear error (never a silent spin) when shard after
         shard yields nothing."""
         empty_in_a_row = [0]
@@ -374,7 +416,7 @@ class ShardStream(IterableDataset):
                 empty_in_a_row[0] += 1
                 yield part
 
-        for sample in self._samples_of(counted(parts), set()):  # one lane's, for one epoch (a new stream each epoch)
+        for sample in self._samples_of(counted(parts), set(), tag, start):  # one lane's, for one epoch
             empty_in_a_row[0] = 0
             yield sample
 
@@ -386,26 +428,25 @@ class ShardStream(IterableDataset):
         if s.sampling == "exact":
             yield from self._exact_samples(epoch, lane, lanes, skip)
             return
-        sources = [functools.partial(self._draws, epoch, lane, i) for i in range(len(s.sets))]
+        sources = [functools.partial(self._cut_draws, epoch, lane, i) for i in range(len(s.sets))]
         choose = lambda: 0  # noqa: E731 - one set
         if len(s.sets) > 1:
             weights = list(s.weights) if s.weights else self._set_sizes()
             rng = random.Random(f"{s.seed}-mix-{epoch}-{s.rank}-{lane}")
             choose = lambda: rng.choices(range(len(s.sets)), weights)[0]  # noqa: E731
         buffer = ShuffleBuffer(s.shuffle_buffer, random.Random(f"{s.seed}-shuffle-{epoch}-{s.rank}-{lane}"))
-        parts = [draws() for draws in sources]
-        if skip and self._positions_known(epoch, s.urls) and all(sum(s.expected[u] for u in urls) for urls in s.sets):
+        parts = [(self._draws(epoch, lane, i), 0) for i in range(len(s.sets))]
+        if skip and self._counted(s.urls) and all(sum(s.expected[u] for u in urls) for urls in s.sets):
             ends, read = [ENDLESS] * len(sources), self._read_back
             parts = fast_forward(buffer, sources, ends, choose, skip, self._part_size, read, self._errors.add)
             skip = 0
-        streams = [self._endless(p) for p in parts]
+        streams = [self._endless(p, (epoch, lane, i), j) for i, (p, j) in enumerate(parts)]
         mixed = streams[0] if len(streams) == 1 else (next(streams[choose()]) for _ in iter(int, 1))
         yield from itertools.islice(buffer.run(mixed), skip, None)
 
-    def _positions_known(self, epoch: int, urls) -> bool:
-        """Whether a lane's input positions in ``epoch`` follow the shards' counts (so a resume need not
-        replay it): every count is known (their manifests), and no read of the epoch came up short."""
-        return epoch != self.spec.replay_epoch and all(u in self.spec.expected for u in urls)
+    def _counted(self, urls) -> bool:
+        """Whether every one of these shards' sample count is known (their manifests)."""
+        return all(u in self.spec.expected for u in urls)
 
     def _part_size(self, part: Part) -> int:
         url, first, stop = part
@@ -441,7 +482,7 @@ class ShardStream(IterableDataset):
     def _batch(self, b: int, cursor: _LaneCursor, lane: int) -> Batch:
         s = self.spec
         rng = lambda: np.random.default_rng([s.seed, cursor.epoch, s.rank, lane, cursor.position])  # noqa: E731
-        skipped_before, short_before = self._errors.count, self._errors.short
+        skipped_before, shortfalls_before = self._errors.count, len(self._shortfalls)
         images = []
         for _ in range(s.micro_batch):  # a batch is always micro_batch raw samples: exact resume
             images.append(self._decode(next(cursor.samples), rng()))
@@ -461,7 +502,8 @@ class ShardStream(IterableDataset):
         # An undecodable sample's place is taken by a good one of the same batch.
         images = [im if im is not None else good[i % len(good)] for i, im in enumerate(images)]
         collate = getattr(self.augment, "collate", torch.stack)  # DeviceDecodeAugment keeps the files
-        return Batch(b, collate(images), self._errors.count - skipped_before, self._errors.short - short_before)
+        shortfalls = tuple(self._shortfalls[shortfalls_before:])
+        return Batch(b, collate(images), self._errors.count - skipped_before, shortfalls)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
