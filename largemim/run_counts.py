@@ -50,7 +50,7 @@ def _read(urls: list[str], need_all: bool, saved_path: Path) -> dict[str, int]:
     counts = local_counts(urls)
     remote, failures = remote_counts(urls)
     counts.update(remote)
-    kept = [u for u in urls if u not in counts and not is_local(u) and u in saved]
+    kept = [u for u in urls if u not in counts and u in saved and manifest_folder(u) in failures]  # unread now
     if kept:
         counts.update((u, saved[u]) for u in kept)
         log.warning("the counts of %d remote shard(s) (e.g. %s) come from %s, as last read: %s", len(kept), kept[0],

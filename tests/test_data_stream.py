@@ -842,3 +842,30 @@ def test_a_resume_whose_remote_manifest_cannot_be_read_keeps_the_counts_it_start
         assert f"come from {run / SAVED_NAME}, as last read: cannot count" in caplog.text and "404" in caplog.text
         with pytest.raises(CountsUnavailable, match="cannot count the samples of the shards in http"):
             run_shard_counts(web, True, 0, tmp_path / "new_run")  # a new run has nothing kept
+
+
+@pytest.mark.parametrize(
+    "sampling, sizes, per_epoch, skip, lost",
+    [
+        ("resampled", [10] * 10, 30, 100, 3),  # a shard drawn again after it gave nothing
+        ("exact", [10] * 40, 50, 392, 7),  # resumed after the lane ran past its deal (its second pass)
+        ("exact", [10] * 4, 10, 56, 1),  # a deal that wraps around the shards: each part twice
+    ],
+)
+def test_a_shard_missing_before_the_interruption_and_back_at_the_resume(tmp_path, sampling, sizes, per_epoch, skip,
+                                                                        lost):  # fmt: skip
+    """A shard that gave nothing was passed over wherever it came again in that lane's epoch: the resume
+    rebuilds the lane so, even with the shard back (a replay would read it)."""
+    urls = expand_shards(write_shards(tmp_path, demo_samples("train", sum(sizes)), sizes))
+    kept = Path(urls[lost]).read_bytes()
+    os.remove(urls[lost])
+    kw = dict(world=1, per_epoch=per_epoch, sampling=sampling, retries=1)
+    straight = ShardStream(spec(urls, **kw), AUG)
+    samples = straight._raw_samples(0, 0, 1)
+    head = [s["__key__"] for s in itertools.islice(samples, skip)]
+    met = {tuple(f[:4]): f[4] for f in straight._shortfalls}  # what the checkpoint at ``skip`` holds
+    tail = _keys(itertools.islice(samples, 60))
+    assert met and len(head) == skip
+    Path(urls[lost]).write_bytes(kept)
+    resumed = ShardStream(replace(spec(urls, **kw), shortfalls=met), AUG)
+    assert _keys(itertools.islice(resumed._raw_samples(0, 0, 1, skip), 60)) == tail

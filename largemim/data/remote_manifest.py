@@ -24,8 +24,9 @@ from largemim.data.readers import READER_SCHEMES, ReaderFailed, open_shard
 
 log = logging.getLogger(__name__)
 
-FETCH_TIMEOUT_S = 60.0  # per attempt: 3 of them, folders side by side, stay well within the 10 minutes
-# the other ranks wait for rank 0 in a collective (the process group's default timeout)
+FETCH_TIMEOUT_S = 60.0  # per attempt
+FETCH_BUDGET_S = 300.0  # all folders' tries together: well within the 10 minutes the other ranks wait for
+# rank 0 in a collective (the process group's default timeout), however many folders are out
 FETCH_ATTEMPTS = 3  # an object store's passing error (503, a reset) costs one more start-up second or two
 MAX_MANIFEST_BYTES = 256 << 20  # about 4M shards
 _FETCHED = frozenset(READER_SCHEMES) | {"file"}
@@ -53,8 +54,9 @@ def remote_counts(urls: list[str]) -> tuple[dict[str, int], dict[str, str]]:
         return {}, {}
     log.info("reading the sample counts of %d remote shard folder(s), e.g. %s/%s", len(folders), folders[0],
              MANIFEST_NAME)  # fmt: skip
+    deadline = time.monotonic() + FETCH_BUDGET_S
     with ThreadPoolExecutor(min(16, len(folders))) as pool:
-        fetched = list(pool.map(_fetch_manifest, folders))
+        fetched = list(pool.map(lambda folder: _fetch_manifest(folder, deadline), folders))
     counts: dict[str, int] = {}
     failures: dict[str, str] = {}
     for folder, manifest in zip(folders, fetched, strict=True):
@@ -73,12 +75,16 @@ def unavailable(folder: str, reason: str) -> str:
     )
 
 
-def _fetch_manifest(folder: str) -> Manifest | str:
-    """The folder's manifest, or why there is none."""
+def _fetch_manifest(folder: str, deadline: float) -> Manifest | str:
+    """The folder's manifest, or why there is none, by ``deadline``."""
     where = f"{folder}/{MANIFEST_NAME}"
+    error: Exception = TimeoutError(f"not tried: the {FETCH_BUDGET_S:.0f} s for all folders ran out")
     for attempt in range(1, FETCH_ATTEMPTS + 1):
+        left = deadline - time.monotonic()
+        if left < 1:
+            break
         try:
-            return Manifest.parse(fetch_text(where), where)
+            return Manifest.parse(fetch_text(where, min(FETCH_TIMEOUT_S, left)), where)
         except FileNotFoundError as e:  # file://: not there (a store's "not found" is tried again: its CLI
             return f"{e}"  # exits 1 on a 404 and on a passing 503 alike)
         except OSError as e:  # not reachable now, or not there: tried again
@@ -129,9 +135,10 @@ def _read_by(reader, deadline: float, timeout_s: float) -> bytes:
         if left <= 0:
             raise TimeoutError(f"no answer in {timeout_s:.0f} s")
         if not poller.poll(min(left, 0.5) * 1000):
-            if reader.proc.poll() is not None:
+            if reader.proc.poll() is None:
+                continue
+            if not poller.poll(0):  # exited: what it wrote before its exit is readable now, or there is none
                 return b"".join(chunks)
-            continue
         chunk = os.read(fd, 1 << 16)
         if not chunk:
             return b"".join(chunks)

@@ -224,8 +224,8 @@ class ShardStream(IterableDataset):
         sequence a resume may rebuild, whose parts are numbered from ``start``: a read that comes up short
         is recorded as a :data:`Shortfall`."""
         for j, part in enumerate(parts, start):
-            if part in dead:
-                continue
+            if part in dead or (part[2] is not None and part[2] <= part[1]):
+                continue  # dead, or a range cut to nothing (:meth:`_cut`): not opened
             yield from self._shard_samples(*part, dead=dead, where=None if tag is None else (*tag, j))
 
     def _read_back(self, url: str, first: int, stop: int) -> Iterator[dict]:
@@ -256,7 +256,7 @@ class ShardStream(IterableDataset):
         part_stop, capped = stop, stop is None and expected is not None
         stop = expected if capped else stop
         limit = stop  # the samples this read should end with (None: unknown)
-        given, error = first, None
+        given, error, recorded = first, None, False
         for attempt in range(1, attempts + 1):
             if attempt > 1:
                 time.sleep(min(2.0 ** (attempt - 2), 10.0))
@@ -286,6 +286,9 @@ class ShardStream(IterableDataset):
                     reader.finish()  # a reader's exit status, once it has sent everything
                 if held is not None:
                     given += 1
+                    if limit is not None and given < limit and count and where is not None:
+                        self._shortfalls.append((*where, given))  # before the last sample goes: with it
+                        recorded = True
                     yield held
                 if not cut:
                     reader = None  # it ended by itself
@@ -312,23 +315,25 @@ class ShardStream(IterableDataset):
                 log.warning("%s", message)
                 return
             self._errors.add(samples, message)
-            if where is not None:
+            if where is not None and not recorded:
                 self._shortfalls.append((*where, given))
 
         if error is not None:
             missing = limit - given if limit is not None and limit > given else 1
             done = (
-                f"samples {first}-{limit or 'end'}: read {given - first}" if first or stop else f"read {given} samples"
+                f"samples {first}-{limit or 'end'}: read {given - first}"
+                if first or part_stop is not None
+                else f"read {given} samples"
             )
             report(missing, f"shard {url} ({done}, then failed: {error}); the rest is skipped")
-            if given == first and dead is not None:
-                dead.add((url, first, part_stop))
         elif limit is not None and given < limit:
             report(
                 limit - given,
                 f"shard {url} ends after {read} of the {expected} samples its manifest lists: the "
                 "file is truncated (rewrite it with tools/make_shards.py)",
             )
+        if given == first and (error is not None or (limit is not None and limit > first)) and dead is not None:
+            dead.add((url, first, part_stop))  # gave nothing: passed over for the rest of the lane's epoch
 
     def _shard_order(self, epoch: int, lane: int, set_index: int) -> Iterator[str]:
         """Resampled mode: the endless sequence of shards a lane draws in an epoch (from one set, when mixing)."""
@@ -352,13 +357,13 @@ class ShardStream(IterableDataset):
                 random.Random(f"{s.seed}-cycle-{epoch}-{s.rank}-{lane}-{cycle}").shuffle(order)
             rng = random.Random(f"{s.seed}-shuffle-{epoch}-{s.rank}-{lane}" + (f"-{cycle}" if cycle else ""))
             buffer, read = ShuffleBuffer(s.shuffle_buffer, rng), 0
-            tag = None if cycle else (epoch, lane, 0)  # the first pass is the one a resume rebuilds
-            samples = self._samples_of(iter(order), dead, tag)
+            tag = (epoch, lane, cycle)  # (exact mode: the pass in the shortfalls' set slot)
+            listed, gone = self._cut(iter(order), self._cuts(*tag))  # as the reads before a resume point found them
+            cut = list(listed)
+            samples = self._samples_of(iter(cut), dead, tag)
             if drop and not cycle and self._counted([u for u, _, _ in order]):
-                cut = self._cut(order, epoch, lane, 0)  # as the reads before the resume point found them
                 total = sum(map(self._part_size, cut))
-                if drop < total:  # always, unless the lane's deal ran out before the resume point
-                    dead.update(p for p, c in zip(order, cut, strict=True) if c[2] == c[1] != p[2])  # gave nothing
+                if drop < total:  # else the lane had read past its deal: it reads its passes again
                     sources, back, lost = [functools.partial(iter, cut)], self._read_back, self._errors.add
                     [(rest, j)] = fast_forward(buffer, sources, [total], lambda: 0, drop, self._part_size, back, lost)
                     samples, read, drop = self._samples_of(rest, dead, tag, j), drop, 0
@@ -368,6 +373,7 @@ class ShardStream(IterableDataset):
                     drop -= 1
                     continue
                 yield sample
+            dead.update(gone)  # as the reads before the resume point left it for the next pass
             if read:
                 continue
             if fallback:
@@ -388,18 +394,42 @@ class ShardStream(IterableDataset):
         return ((url, 0, None) for url in self._shard_order(epoch, lane, set_index))
 
     def _cut_draws(self, epoch: int, lane: int, set_index: int) -> Iterator[Part]:
-        """The draws as the reads before the resume point found them (:data:`Shortfall`)."""
-        cuts = self._cuts(epoch, lane, set_index)
-        for j, (url, first, stop) in enumerate(self._draws(epoch, lane, set_index)):
-            yield (url, first, cuts[j]) if j in cuts else (url, first, stop)
+        """The draws as the reads before the resume point found them (:data:`Shortfall`); endless, or an
+        error where the cuts leave nothing to read (the run they came from stopped there too)."""
+        parts, _ = self._cut(self._draws(epoch, lane, set_index), self._cuts(epoch, lane, set_index))
+        empty, limit = 0, 2 * len(self.spec.urls) + 8
+        for part in parts:
+            empty = empty + 1 if part[2] == part[1] else 0
+            if empty > limit:
+                raise RuntimeError(f"{limit} shards in a row gave no readable sample (last: {part[0]}); check "
+                                   "data.shards")  # fmt: skip
+            yield part
 
-    def _cut(self, parts: list[Part], epoch: int, lane: int, set_index: int) -> list[Part]:
-        cuts = self._cuts(epoch, lane, set_index)
-        return [(u, f, cuts[j]) if j in cuts else (u, f, st) for j, (u, f, st) in enumerate(parts)]
-
-    def _cuts(self, epoch: int, lane: int, set_index: int) -> dict[int, int]:
-        here = (epoch, lane, set_index)
+    def _cuts(self, epoch: int, lane: int, slot: int) -> dict[int, int]:
+        """This lane's shortfalls before the resume point, by part index: of one set's draws (resampled) or
+        of one pass (exact)."""
+        here = (epoch, lane, slot)
         return {j: end for (e, ln, si, j), end in self.spec.shortfalls.items() if (e, ln, si) == here}
+
+    @staticmethod
+    def _cut(parts: Iterator[Part], cuts: dict[int, int]) -> tuple[Iterator[Part], set]:
+        """``parts`` with part ``j`` cut at ``cuts[j]``; a part that gave nothing is dead from there on (it
+        was passed over, unread, wherever it came again in the run the cuts were recorded in: an empty
+        range here). Also the set of those dead parts, filled as the parts are listed."""
+        gone: set = set()
+
+        def listed() -> Iterator[Part]:
+            for j, (url, first, stop) in enumerate(parts):
+                if (url, first, stop) in gone:
+                    yield url, first, first
+                elif j in cuts:
+                    if cuts[j] == first:
+                        gone.add((url, first, stop))
+                    yield url, first, cuts[j]
+                else:
+                    yield url, first, stop
+
+        return listed(), gone
 
     def _endless(self, parts: Iterator[Part], tag: tuple[int, int, int], start: int = 0) -> Iterator[dict]:
         """Samples of the lane's shard sequence; a clear error (never a silent spin) when shard after
