@@ -606,9 +606,9 @@ class _Counting(ShardStream):
         super().__init__(*args, **kw)
         self.parsed = 0
 
-    def _shard_samples(self, url, first=0, stop=None, dead=None, count=True, where=None):
+    def _shard_samples(self, url, first=0, stop=None, dead=None, count=True, where=None, key=None):
         self.parsed += first  # a read starts at the shard's head
-        for sample in super()._shard_samples(url, first, stop, dead, count, where):
+        for sample in super()._shard_samples(url, first, stop, dead, count, where, key):
             self.parsed += 1
             yield sample
 
@@ -845,21 +845,22 @@ def test_a_resume_whose_remote_manifest_cannot_be_read_keeps_the_counts_it_start
 
 
 @pytest.mark.parametrize(
-    "sampling, sizes, per_epoch, skip, lost",
+    "sampling, sizes, per_epoch, skip, lost, counts",
     [
-        ("resampled", [10] * 10, 30, 100, 3),  # a shard drawn again after it gave nothing
-        ("exact", [10] * 40, 50, 392, 7),  # resumed after the lane ran past its deal (its second pass)
-        ("exact", [10] * 4, 10, 56, 1),  # a deal that wraps around the shards: each part twice
+        ("resampled", [10] * 10, 30, 100, 3, True),  # a shard drawn again after it gave nothing
+        ("resampled", [10] * 10, 30, 100, 3, False),  # the same without counts: replayed, with the cuts
+        ("exact", [10] * 40, 50, 392, 7, True),  # resumed after the lane ran past its deal (its second pass)
+        ("exact", [10] * 4, 10, 56, 1, True),  # a deal that wraps around the shards: each part twice
     ],
 )
 def test_a_shard_missing_before_the_interruption_and_back_at_the_resume(tmp_path, sampling, sizes, per_epoch, skip,
-                                                                        lost):  # fmt: skip
+                                                                        lost, counts):  # fmt: skip
     """A shard that gave nothing was passed over wherever it came again in that lane's epoch: the resume
     rebuilds the lane so, even with the shard back (a replay would read it)."""
     urls = expand_shards(write_shards(tmp_path, demo_samples("train", sum(sizes)), sizes))
     kept = Path(urls[lost]).read_bytes()
     os.remove(urls[lost])
-    kw = dict(world=1, per_epoch=per_epoch, sampling=sampling, retries=1)
+    kw = dict(world=1, per_epoch=per_epoch, sampling=sampling, retries=1, counts=counts)
     straight = ShardStream(spec(urls, **kw), AUG)
     samples = straight._raw_samples(0, 0, 1)
     head = [s["__key__"] for s in itertools.islice(samples, skip)]

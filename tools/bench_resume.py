@@ -54,9 +54,9 @@ class _Counting(ShardStream):
 
     parsed = 0
 
-    def _shard_samples(self, url, first=0, stop=None, dead=None, count=True, where=None):
+    def _shard_samples(self, url, first=0, stop=None, dead=None, count=True, where=None, key=None):
         self.parsed += first
-        for sample in super()._shard_samples(url, first, stop, dead, count, where):
+        for sample in super()._shard_samples(url, first, stop, dead, count, where, key):
             self.parsed += 1
             yield sample
 

@@ -79,10 +79,12 @@ def _fetch_manifest(folder: str, deadline: float) -> Manifest | str:
     """The folder's manifest, or why there is none, by ``deadline``."""
     where = f"{folder}/{MANIFEST_NAME}"
     error: Exception = TimeoutError(f"not tried: the {FETCH_BUDGET_S:.0f} s for all folders ran out")
+    tried = 0
     for attempt in range(1, FETCH_ATTEMPTS + 1):
         left = deadline - time.monotonic()
         if left < 1:
             break
+        tried = attempt
         try:
             return Manifest.parse(fetch_text(where, min(FETCH_TIMEOUT_S, left)), where)
         except FileNotFoundError as e:  # file://: not there (a store's "not found" is tried again: its CLI
@@ -93,7 +95,7 @@ def _fetch_manifest(folder: str, deadline: float) -> Manifest | str:
             return f"{e}"
         if attempt < FETCH_ATTEMPTS:
             time.sleep(attempt)
-    return f"{error} ({FETCH_ATTEMPTS} attempts)"
+    return f"{error} ({tried} attempt{'s' if tried != 1 else ''})" if tried else f"{error}"
 
 
 def fetch_text(url: str, timeout_s: float = FETCH_TIMEOUT_S) -> str:

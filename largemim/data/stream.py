@@ -70,6 +70,15 @@ from largemim.data.sources import is_local
 log = logging.getLogger(__name__)
 
 
+class _CutPart(tuple):
+    """A part cut where a read before the resume point ended; ``original`` is the part it was cut from."""
+
+    def __new__(cls, part: Part, original: Part):
+        self = super().__new__(cls, part)
+        self.original = original
+        return self
+
+
 # A read of a lane's part that came up short (a truncated, damaged or unreachable shard): (epoch, lane, set,
 # the part's index in the lane's sequence, the sample of the shard the read ended at). Later positions of
 # the lane's input move with it, so a resume rebuilds the lane from the counts with these parts cut there.
@@ -224,9 +233,11 @@ class ShardStream(IterableDataset):
         sequence a resume may rebuild, whose parts are numbered from ``start``: a read that comes up short
         is recorded as a :data:`Shortfall`."""
         for j, part in enumerate(parts, start):
-            if part in dead or (part[2] is not None and part[2] <= part[1]):
+            key = getattr(part, "original", part)  # a cut part is dead (or made dead) as the part it was cut from
+            if key in dead or (part[2] is not None and part[2] <= part[1]):
                 continue  # dead, or a range cut to nothing (:meth:`_cut`): not opened
-            yield from self._shard_samples(*part, dead=dead, where=None if tag is None else (*tag, j))
+            where = None if tag is None else (*tag, j)
+            yield from self._shard_samples(*part, dead=dead, where=where, key=key)
 
     def _read_back(self, url: str, first: int, stop: int) -> Iterator[dict]:
         """A resumed lane's buffered samples (:func:`fast_forward` counts the ones it cannot read)."""
@@ -240,6 +251,7 @@ class ShardStream(IterableDataset):
         dead: set | None = None,
         count: bool = True,
         where: tuple[int, int, int, int] | None = None,
+        key: Part | None = None,
     ) -> Iterator[dict]:
         """Samples ``first`` to ``stop`` (None: the end) of one shard, in order; the ones before ``first``
         are read past without decoding. A failing read (a ``pipe:`` command or curl that cannot start,
@@ -333,7 +345,7 @@ class ShardStream(IterableDataset):
                 "file is truncated (rewrite it with tools/make_shards.py)",
             )
         if given == first and (error is not None or (limit is not None and limit > first)) and dead is not None:
-            dead.add((url, first, part_stop))  # gave nothing: passed over for the rest of the lane's epoch
+            dead.add(key or (url, first, part_stop))  # gave nothing: passed over for the rest of the lane's epoch
 
     def _shard_order(self, epoch: int, lane: int, set_index: int) -> Iterator[str]:
         """Resampled mode: the endless sequence of shards a lane draws in an epoch (from one set, when mixing)."""
@@ -361,9 +373,11 @@ class ShardStream(IterableDataset):
             listed, gone = self._cut(iter(order), self._cuts(*tag))  # as the reads before a resume point found them
             cut = list(listed)
             samples = self._samples_of(iter(cut), dead, tag)
-            if drop and not cycle and self._counted([u for u, _, _ in order]):
+            if drop and self._counted([u for u, _, _ in order]):
                 total = sum(map(self._part_size, cut))
-                if drop < total:  # else the lane had read past its deal: it reads its passes again
+                if drop >= total:  # a pass read whole before the resume point (the buffer drains at its end)
+                    samples, read, drop = iter(()), total, drop - total
+                else:
                     sources, back, lost = [functools.partial(iter, cut)], self._read_back, self._errors.add
                     [(rest, j)] = fast_forward(buffer, sources, [total], lambda: 0, drop, self._part_size, back, lost)
                     samples, read, drop = self._samples_of(rest, dead, tag, j), drop, 0
@@ -425,7 +439,7 @@ class ShardStream(IterableDataset):
                 elif j in cuts:
                     if cuts[j] == first:
                         gone.add((url, first, stop))
-                    yield url, first, cuts[j]
+                    yield _CutPart((url, first, cuts[j]), (url, first, stop))
                 else:
                     yield url, first, stop
 
@@ -465,7 +479,7 @@ class ShardStream(IterableDataset):
             rng = random.Random(f"{s.seed}-mix-{epoch}-{s.rank}-{lane}")
             choose = lambda: rng.choices(range(len(s.sets)), weights)[0]  # noqa: E731
         buffer = ShuffleBuffer(s.shuffle_buffer, random.Random(f"{s.seed}-shuffle-{epoch}-{s.rank}-{lane}"))
-        parts = [(self._draws(epoch, lane, i), 0) for i in range(len(s.sets))]
+        parts = [(self._cut_draws(epoch, lane, i), 0) for i in range(len(s.sets))]  # (cut: replayed as read)
         if skip and self._counted(s.urls) and all(sum(s.expected[u] for u in urls) for urls in s.sets):
             ends, read = [ENDLESS] * len(sources), self._read_back
             parts = fast_forward(buffer, sources, ends, choose, skip, self._part_size, read, self._errors.add)
