@@ -49,12 +49,17 @@ def write_shards(folder: Path, samples: list[dict], sizes: list[int], prefix: st
 
 
 @contextlib.contextmanager
-def served(root: Path):
-    """A local web server for ``root``'s files: remote shards over real HTTP (curl)."""
+def served(root: Path, before_get=None):
+    """A local web server for ``root``'s files: remote shards over real HTTP (curl). ``before_get(handler)``
+    is called first on each GET; when it returns True it has answered the request itself."""
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, directory=str(root), **kwargs)
+
+        def do_GET(self):  # noqa: N802 - the http.server hook's name
+            if before_get is None or not before_get(self):
+                super().do_GET()
 
         def log_message(self, *args):
             pass

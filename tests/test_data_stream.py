@@ -379,22 +379,9 @@ def test_http_shards_stream_through_a_shielded_curl(shard_set):
     delivers the whole shard, and the batches equal those read from disk."""
     urls = expand_shards(shard_set)
     root = Path(urls[0]).parent
-
-    class SlowHandler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(root), **kwargs)
-
-        def do_GET(self):  # noqa: N802 - the http.server hook's name
-            time.sleep(0.3)  # keep curl alive long enough to be signalled
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        web = [f"http://127.0.0.1:{server.server_port}/{Path(u).name}" for u in urls]
+    slow = lambda handler: time.sleep(0.3)  # noqa: E731 - keep curl alive long enough to be signalled
+    with served(root, slow) as site:
+        web = [f"{site}/{Path(u).name}" for u in urls]
         reader = open_shard(web[0])
         for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
             os.kill(reader.proc.pid, sig)
@@ -403,8 +390,6 @@ def test_http_shards_stream_through_a_shielded_curl(shard_set):
         plain, fetched = take(urls, 4, world=1), take(web, 4, world=1)  # both counted (manifests)
         assert all(torch.equal(a.images, b.images) for a, b in zip(plain, fetched, strict=True))
         assert sum(b.skipped for b in fetched) == 0
-    finally:
-        server.shutdown()
 
 
 def test_a_stalled_http_transfer_is_restarted_not_spliced(shard_set, monkeypatch):
@@ -774,24 +759,15 @@ def test_a_shard_that_failed_before_the_interruption_and_reads_now_is_rebuilt_as
     write_shards(tmp_path / "set", demo_samples("train", 400), [10] * 40)
     failed = []
 
-    class FailsOnce(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(tmp_path), **kwargs)
+    def fails_once(handler) -> bool:
+        if handler.path.endswith("shard-000007.tar") and not failed:
+            failed.append(handler.path)
+            handler.send_error(503)
+            return True
+        return False
 
-        def do_GET(self):  # noqa: N802 - the http.server hook's name
-            if self.path.endswith("shard-000007.tar") and not failed:
-                failed.append(self.path)
-                self.send_error(503)
-                return
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FailsOnce)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        web = [f"http://127.0.0.1:{server.server_port}/set/shard-{n:06d}.tar" for n in range(40)]
+    with served(tmp_path, fails_once) as site:
+        web = [f"{site}/set/shard-{n:06d}.tar" for n in range(40)]
         kw = dict(world=1, per_epoch=50, sampling="exact", retries=1)
         straight = ShardStream(spec(web, **kw), AUG)
         full = _keys(itertools.islice(straight._raw_samples(0, 0, 1), 350))
@@ -802,8 +778,6 @@ def test_a_shard_that_failed_before_the_interruption_and_reads_now_is_rebuilt_as
         assert _keys(itertools.islice(resumed._raw_samples(0, 0, 1, 200), 150)) == full[200:350]
         replayed = ShardStream(spec(web, **kw), AUG)  # without them: shard 7 reads now, another stream
         assert _keys(itertools.islice(replayed._raw_samples(0, 0, 1, 200), 150)) != full[200:350]
-    finally:
-        server.shutdown()
 
 
 def test_a_shard_longer_than_its_manifest_is_read_to_its_count(tmp_path, caplog):

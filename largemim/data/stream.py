@@ -70,6 +70,10 @@ from largemim.data.sources import is_local
 log = logging.getLogger(__name__)
 
 
+def _nothing_readable(limit: int, url: str) -> RuntimeError:
+    return RuntimeError(f"{limit} shards in a row gave no readable sample (last: {url}); check data.shards")
+
+
 class _CutPart(tuple):
     """A part cut where a read before the resume point ended; ``original`` is the part it was cut from."""
 
@@ -171,7 +175,7 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.spec, self.augment, self.start_batch = spec, augment, start_batch
         self._errors = _SkipCounter()
-        self._shortfalls: list[tuple[int, int, int, int, int]] = []  # Shortfall, as they happen
+        self._shortfalls: list[Shortfall] = []  # as they happen
         self._overrun: set[str] = set()  # shards found longer than their manifest (warned once)
 
     # -- which shards a (rank, worker) reads in an epoch
@@ -358,8 +362,9 @@ class ShardStream(IterableDataset):
     def _exact_samples(self, epoch: int, lane: int, lanes: int, skip: int = 0) -> Iterator[dict]:
         """Exact mode: the lane's deal, read in a seeded order and shuffled one pass at a time, then again in
         a new order if the lane runs short. The buffer drains at the end of each pass, so a re-read sample
-        never takes the place of one not yet read; endless. From the ``skip``-th sample on: the first
-        pass is fast-forwarded where the counts are known, else the samples before it are read past."""
+        never takes the place of one not yet read; endless. From the ``skip``-th sample on: where the counts
+        are known, passes read whole before it are passed over and the one it falls in is fast-forwarded,
+        else the samples before it are read past."""
         s = self.spec
         parts = self.parts_for(epoch, lane, lanes)
         fallback, dead, drop = False, set(), skip
@@ -411,12 +416,11 @@ class ShardStream(IterableDataset):
         """The draws as the reads before the resume point found them (:data:`Shortfall`); endless, or an
         error where the cuts leave nothing to read (the run they came from stopped there too)."""
         parts, _ = self._cut(self._draws(epoch, lane, set_index), self._cuts(epoch, lane, set_index))
-        empty, limit = 0, 2 * len(self.spec.urls) + 8
+        empty, limit = 0, self._empty_limit()
         for part in parts:
             empty = empty + 1 if part[2] == part[1] else 0
             if empty > limit:
-                raise RuntimeError(f"{limit} shards in a row gave no readable sample (last: {part[0]}); check "
-                                   "data.shards")  # fmt: skip
+                raise _nothing_readable(limit, part[0])
             yield part
 
     def _cuts(self, epoch: int, lane: int, slot: int) -> dict[int, int]:
@@ -449,14 +453,12 @@ class ShardStream(IterableDataset):
         """Samples of the lane's shard sequence; a clear error (never a silent spin) when shard after
         shard yields nothing."""
         empty_in_a_row = [0]
-        limit = 2 * len(self.spec.urls) + 8
+        limit = self._empty_limit()
 
         def counted(parts: Iterator[Part]) -> Iterator[Part]:
             for part in parts:
                 if empty_in_a_row[0] >= limit:
-                    raise RuntimeError(
-                        f"{limit} shards in a row gave no readable sample (last: {part[0]}); check data.shards"
-                    )
+                    raise _nothing_readable(limit, part[0])
                 empty_in_a_row[0] += 1
                 yield part
 
@@ -479,7 +481,7 @@ class ShardStream(IterableDataset):
             rng = random.Random(f"{s.seed}-mix-{epoch}-{s.rank}-{lane}")
             choose = lambda: rng.choices(range(len(s.sets)), weights)[0]  # noqa: E731
         buffer = ShuffleBuffer(s.shuffle_buffer, random.Random(f"{s.seed}-shuffle-{epoch}-{s.rank}-{lane}"))
-        parts = [(self._cut_draws(epoch, lane, i), 0) for i in range(len(s.sets))]  # (cut: replayed as read)
+        parts = [(draws(), 0) for draws in sources]  # (cut: replayed as read)
         if skip and self._counted(s.urls) and all(sum(s.expected[u] for u in urls) for urls in s.sets):
             ends, read = [ENDLESS] * len(sources), self._read_back
             parts = fast_forward(buffer, sources, ends, choose, skip, self._part_size, read, self._errors.add)
@@ -487,6 +489,10 @@ class ShardStream(IterableDataset):
         streams = [self._endless(p, (epoch, lane, i), j) for i, (p, j) in enumerate(parts)]
         mixed = streams[0] if len(streams) == 1 else (next(streams[choose()]) for _ in iter(int, 1))
         yield from itertools.islice(buffer.run(mixed), skip, None)
+
+    def _empty_limit(self) -> int:
+        """Resampled mode: shards in a row that give nothing before a lane stops (never a silent spin)."""
+        return 2 * len(self.spec.urls) + 8
 
     def _counted(self, urls) -> bool:
         """Whether every one of these shards' sample count is known (their manifests)."""
