@@ -2,7 +2,7 @@
 kept in the run folder.
 
 Every rank must deal its data from the same counts (a rank without them deals whole shards, and its
-data overlaps the others'), so rank 0 reads the manifests (:func:`manifest_counts`, remote ones fetched)
+data overlaps the others'), so rank 0 reads the manifests (local ones, and remote ones fetched)
 and sends the result. Remote counts are kept in ``RUN_DIR/remote_shard_counts.json`` as last read: a
 later start whose fetch fails (an outage) goes on with them instead of dealing, and rebuilding its
 loader lanes, another way. Local manifests are read afresh each start.
@@ -55,8 +55,9 @@ def _read(urls: list[str], need_all: bool, saved_path: Path) -> dict[str, int]:
         counts.update((u, saved[u]) for u in kept)
         log.warning("the counts of %d remote shard(s) (e.g. %s) come from %s, as last read: %s", len(kept), kept[0],
                     saved_path, why_uncounted(kept[0], failures))  # fmt: skip
+    uncounted = {manifest_folder(u) for u in urls if u not in counts}
     for folder, reason in sorted(failures.items()):
-        if any(u not in counts and manifest_folder(u) == folder for u in urls):
+        if folder in uncounted:
             warn_uncounted(folder, reason)
     missing = next((u for u in urls if u not in counts), None)
     if need_all and missing is not None:

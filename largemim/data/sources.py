@@ -51,17 +51,15 @@ def expand_shards(pattern: str) -> list[str]:
     return urls
 
 
-def local_counts(urls: list[str], strict: bool = False) -> dict[str, int]:
-    """Samples per local shard, for those whose folder's ``manifest.json`` lists them. ``strict``: a folder
-    without a readable manifest is an error (else its shards are left out)."""
+def local_counts(urls: list[str]) -> dict[str, int]:
+    """Samples per local shard, for those whose folder's ``manifest.json`` lists them (a folder without a
+    readable one is left out; :func:`why_uncounted` says why)."""
     counts: dict[str, int] = {}
     for folder in sorted({str(Path(u).parent) for u in urls if is_local(u)}):
         path = Path(folder) / MANIFEST_NAME
         try:
             manifest = Manifest.load(path)
         except (OSError, ValueError) as e:
-            if strict:
-                raise
             if path.exists():
                 log.warning("ignoring %s: %s", path, e)
             continue
@@ -70,16 +68,13 @@ def local_counts(urls: list[str], strict: bool = False) -> dict[str, int]:
     return {u: counts[str(Path(u))] for u in urls if is_local(u) and str(Path(u)) in counts}
 
 
-def manifest_counts(urls: list[str], strict: bool = False) -> dict[str, int]:
+def manifest_counts(urls: list[str]) -> dict[str, int]:
     """Samples per shard, for the shards whose folder's manifest lists them: a local folder's
-    ``manifest.json``, or a remote one's (:mod:`largemim.data.remote_manifest`). ``strict``: a folder
-    without a readable manifest is an error (else its shards are left out, with a warning for a remote
-    one)."""
-    counts = local_counts(urls, strict)
+    ``manifest.json``, or a remote one's (:mod:`largemim.data.remote_manifest`); the others are left out,
+    a remote folder's with a warning. (The trainer reads them through :mod:`largemim.run_counts`.)"""
+    counts = local_counts(urls)
     remote, failures = remote_counts(urls)
     for folder, reason in sorted(failures.items()):
-        if strict:
-            raise ValueError(unavailable(folder, reason))
         warn_uncounted(folder, reason)
     return {**counts, **remote}
 
