@@ -129,12 +129,15 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     precision: str = "bf16"  # bf16 | fp16 | fp32
     # bf16 only: keep fp32 weights and run forward/backward under torch.autocast (DeepSpeed's
-    # torch_autocast) instead of DeepSpeed's bf16 weights with fp32 master copies. Measured 1.32x faster
-    # for MAE ViT-L/16 on an H200 (BENCHMARKS.md), and 4 instead of 6 bytes of weights per parameter.
+    # torch_autocast) instead of DeepSpeed's bf16 weights with fp32 master copies: 4 instead of 6 bytes
+    # of weights per parameter. Slower since the bf16 mode's gradient checks became one pass: MAE ViT-H/14
+    # 847 vs 961 images/s on an H200 (BENCHMARKS.md, 2026-11-27).
     autocast: bool = False
-    # torch.compile the objective's forward and backward through DeepSpeed's engine.compile (inductor);
-    # random ops keep eager semantics, so a compiled run draws the same masks as an eager one.
-    compile: bool = False
+    # torch.compile the objective's forward and backward (DeepSpeed's engine.compile, inductor); random
+    # ops keep eager semantics, so a compiled run draws the same masks as an eager one. auto: compiled
+    # where it was measured faster (MAE on a CUDA GPU, ZeRO 0-2, DeepSpeed's bf16 mode, no activation
+    # checkpointing; ViT-L/16 1.23x, ViT-H/14 1.13x on an H200), eager elsewhere; true | false force it.
+    compile: str = "auto"
     # bf16 mode: DeepSpeed tests every gradient for inf/NaN each step to skip such a step (a host sync, and
     # about a dozen small kernels per parameter tensor unless foreach_grad_checks makes it one pass). bf16
     # has no loss scale to adjust, and the trainer stops on a non-finite loss at the next log line; false
@@ -255,6 +258,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if "missing mandatory value" in str(e).lower():
             raise ConfigError(f"{e.full_key} must be set (in the recipe or as {e.full_key}=...)") from None
         raise ConfigError(str(e).splitlines()[0]) from None
+    # a YAML recipe's `compile: true` arrives as the string "True"
+    result.train.compile = str(result.train.compile).lower()
+    if result.train.compile not in ("auto", "true", "false"):
+        raise ConfigError(f"train.compile={result.train.compile!r} must be auto, true or false")
     if not ratio_given:
         result.objective.mask_ratio = OWN_MASK_RATIO.get(result.objective.name, result.objective.mask_ratio)
     return result

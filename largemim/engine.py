@@ -132,10 +132,10 @@ def build_model(cfg: Config, ds_json: dict, init_from: str = "") -> nn.Module:
     in bf16 for a ViT-g, briefly). ``init_from`` then overwrites the initialisation (a new run only)."""
     from largemim.objectives import build_objective
 
-    if cfg.train.compile and zero_stage(ds_json) >= 3:
+    if cfg.train.compile == "true" and zero_stage(ds_json) >= 3:
         # Measured on CPU: dynamo traces past ZeRO-3's gather hooks and meets a partitioned (empty) parameter.
         raise ConfigError(
-            "train.compile works with ZeRO 0-2; under ZeRO-3 set train.compile=false (DeepSpeed's own "
+            "train.compile works with ZeRO 0-2; under ZeRO-3 set train.compile=auto or false (DeepSpeed's own "
             "DeepCompile, the 'compile' section of a ds_config, is not wired into largemim yet)"
         )
     if not cfg.train.check_grad_overflow and zero_stage(ds_json) not in (1, 2):
@@ -229,10 +229,43 @@ def build_engine(model: nn.Module, cfg: Config, plan: Plan, ds_json: dict):
     log.info("engine: ZeRO-%d, %s, optimizer %s", zero_stage(ds), cfg.train.precision, type(engine.optimizer).__name__)
     if cfg.train.foreach_grad_checks and zero_stage(ds) in (1, 2):
         grad_checks.install(engine.optimizer)
-    if cfg.train.compile:
+    compiled, why = compile_choice(cfg, ds)
+    if compiled:
+        import torch._dynamo.config as dynamo
         import torch._inductor.config as inductor
 
         inductor.fallback_random = True  # torch.rand & co. as in eager: the same masks for the same seed
+        if cfg.train.compile == "auto":
+            dynamo.suppress_errors = True  # a graph that fails to compile runs eagerly, with dynamo's warning
         engine.compile()  # the first steps are slow while inductor compiles
-        log.info("train.compile: the objective's forward and backward are compiled on first use")
+        log.info("train.compile=%s: the objective's forward and backward are compiled on first use (%s)",
+                 cfg.train.compile, why)  # fmt: skip
+    elif cfg.train.compile == "auto":
+        log.info("train.compile=auto: eager (%s); train.compile=true compiles anyway", why)
     return engine
+
+
+def compile_choice(cfg: Config, ds: dict) -> tuple[bool, str]:
+    """(compile?, why) for ``train.compile``: true and false as set; auto compiles only where compiling
+    was measured faster (BENCHMARKS.md, 2026-11-27, H200: MAE ViT-L/16 1.23x, ViT-H/14 1.13x)."""
+    if cfg.train.compile != "auto":
+        return cfg.train.compile == "true", f"train.compile={cfg.train.compile}"
+    against = [
+        why
+        for why, off in (
+            ("no CUDA device", not cuda_wanted()),
+            (f"objective {cfg.objective.name}, not mae", cfg.objective.name != "mae"),
+            ("ZeRO-3", zero_stage(ds) >= 3),
+            ("not DeepSpeed's bf16 mode", cfg.train.precision != "bf16" or cfg.train.autocast),
+            ("activation checkpointing", bool(cfg.model.grad_ckpt_every)),
+        )
+        if off
+    ]
+    return not against, ", ".join(against) or "MAE on CUDA, ZeRO 0-2, bf16, no activation checkpointing"
+
+
+def eager_call(module: nn.Module):
+    """``module``'s uncompiled call, for forwards off the training path (the reconstruction pictures):
+    DeepSpeed's engine.compile compiles the module's own call in place (``nn.Module.compile``), and a call
+    in eval mode at another batch size would compile it again, taking minutes and a recompile slot."""
+    return module._call_impl if getattr(module, "_compiled_call_impl", None) is not None else module

@@ -16,6 +16,7 @@ from torchvision.utils import save_image
 from largemim.config import Config
 from largemim.data.augment import EvalTransform
 from largemim.distributed import broadcast_from_rank0
+from largemim.engine import eager_call
 from largemim.evaluation.represent import LabelledSet, check_encoder, load_labelled, pixel_baseline
 from largemim.files import replacing, write_atomic
 from largemim.visualize import reconstruction_grid
@@ -135,7 +136,7 @@ class Monitor:
             if hasattr(module, "picture"):
                 grid = module.picture(images, noise, d.mean, d.std)
             else:
-                out = module(images, noise=noise)
+                out = eager_call(module)(images, noise=noise)
                 grid = reconstruction_grid(
                     images, out["pred"], out["mask"], module.patch_size, d.mean, d.std, self.cfg.objective.norm_pix_loss
                 )

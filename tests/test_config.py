@@ -175,6 +175,58 @@ def test_compile_under_zero3_is_refused_before_the_model_is_built():
         build_model(cfg, {"zero_optimization": {"stage": 3}})
 
 
+def test_compile_takes_auto_true_false_from_overrides_and_recipes(tmp_path):
+    assert load_config(None, ["data.shards=x"]).train.compile == "auto"
+    assert load_config(None, ["data.shards=x", "train.compile=True"]).train.compile == "true"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  compile: false\n")  # a YAML bool
+    assert load_config(recipe, ["data.shards=x"]).train.compile == "false"
+    with pytest.raises(ConfigError, match="train.compile='maybe' must be auto, true or false"):
+        load_config(None, ["data.shards=x", "train.compile=maybe"])
+
+
+def test_compile_auto_compiles_only_where_it_was_measured_faster(monkeypatch):
+    import largemim.engine as engine
+
+    def choice(*overrides, ds=None):
+        cfg = load_config(None, ["data.shards=x", "train.steps=1", *overrides])
+        return engine.compile_choice(cfg, ds or {"zero_optimization": {"stage": 2}})
+
+    assert choice() == (False, "no CUDA device")  # this machine
+    monkeypatch.setattr(engine, "cuda_wanted", lambda: True)
+    assert choice()[0] is True
+    assert choice("train.compile=false") == (False, "train.compile=false")
+    assert choice("objective.name=simmim") == (False, "objective simmim, not mae")
+    assert choice(ds={"zero_optimization": {"stage": 3}}) == (False, "ZeRO-3")
+    assert choice("train.autocast=true") == (False, "not DeepSpeed's bf16 mode")
+    assert choice("train.precision=fp16") == (False, "not DeepSpeed's bf16 mode")
+    assert choice("model.grad_ckpt_every=2") == (False, "activation checkpointing")
+    assert choice("train.compile=true", "model.grad_ckpt_every=2")[0] is True
+
+
+def test_eager_call_runs_a_compiled_module_without_compiling_it_again():
+    """The reconstruction pictures call the module in eval mode at another batch size: compiled, that
+    would be one more compile (minutes for a ViT-H on a GPU) and a recompile slot."""
+    import torch
+
+    from largemim.engine import eager_call
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    m = torch.nn.Linear(4, 2)
+    m.compile(backend=counting_backend)
+    m(torch.ones(3, 4))
+    assert len(graphs) == 1
+    out = eager_call(m)(torch.ones(5, 4))
+    assert len(graphs) == 1 and out.shape == (5, 2)
+    plain = torch.nn.Linear(4, 2)
+    assert eager_call(plain) is plain
+
+
 def test_grad_clip_off_reaches_deepspeed_as_off():
     """DeepSpeed clips at 1.0 when gradient_clipping is absent: optim.grad_clip=0 must be written as 0."""
     from deepspeed.runtime.config import get_gradient_clipping

@@ -157,12 +157,16 @@ def test_resume_takes_the_configured_optimizer_settings_and_logs_whole_windows(t
     assert lr > 0 and lr == pytest.approx(2 * per_step[4]["lr"], rel=1e-6)
 
 
-def test_compiled_training_gives_the_eager_losses(tmp_path, shard_set):
+def test_compiled_training_gives_the_eager_losses(tmp_path, shard_set, monkeypatch):
     """train.compile (DeepSpeed engine.compile, inductor; about 2 minutes of compiling on 2 CPU cores):
-    the same masks and, to float rounding, the same losses as the eager run."""
+    the same masks and, to float rounding, the same losses as the eager run; and the reconstruction
+    picture at the end (eval mode, 8 images) runs eagerly instead of compiling the model a second time."""
     common = ["ds_config=ds_configs/zero2.json", "train.precision=fp32", "train.steps=3"]
     run_trainer(tmp_path / "eager", shard_set, common)
-    run_trainer(tmp_path / "compiled", shard_set, [*common, "train.compile=true"], timeout=600)
+    monkeypatch.setenv("TORCH_LOGS", "recompiles")
+    proc = run_trainer(tmp_path / "compiled", shard_set, [*common, "train.compile=true"], timeout=600)
+    assert "Recompiling" not in proc.stdout + proc.stderr
+    assert list((tmp_path / "compiled" / "reconstructions").glob("step_*.png"))
     eager, compiled = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
     assert sorted(compiled) == [1, 2, 3]
     for step in eager:

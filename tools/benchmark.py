@@ -18,6 +18,9 @@ Settings are largemim's own config keys, as for training (a recipe and/or dotted
 ``--sweep-configs``, without and with activation checkpointing, each try in a fresh subprocess so
 that an out-of-memory error cannot poison the next one.
 
+largemim's default ``train.compile=auto`` compiles on a GPU (MAE, ZeRO 0-2, bf16, no activation
+checkpointing) while the HF loop runs eagerly; ``train.compile=false`` gives the eager pair.
+
 Numbers are only comparable on the same machine in the same run: run the pair, read the ratio.
 """
 
@@ -426,7 +429,8 @@ def run_largemim(cfg, args, device) -> dict:
         "impl": "largemim",
         "zero_stage": zero_stage(ds_json),
         "optimizer": optimizer + (" (fused)" if fused else ""),
-        "precision_mode": mode + (", compiled" if cfg.train.compile else ""),
+        "precision_mode": mode + (", compiled" if engine.is_compiled else ""),
+        "compiled": engine.is_compiled,
         "fused_attn": bool(getattr(model.encoder.blocks[0].attn, "fused_attn", False)),
         "seconds": seconds,
         "loss": loss,
@@ -696,6 +700,8 @@ def sweep_memory(args, device, emit) -> int:
     impls = ["largemim", "hf"] if args.impl == "both" else [args.impl]
     swept = ("ds_config=", "model.grad_ckpt_every=", "train.micro_batch=")
     base = [a for a in args.overrides if not a.startswith(swept)]
+    if not any(a.startswith("train.compile=") for a in base):
+        base.append("train.compile=false")  # largemim/memory.py models eager; each try would compile anew
     if args.config:
         base = ["--config", args.config, *base]
     code = 0
@@ -752,9 +758,11 @@ def benchmark(args, emit) -> int:
     except ConfigError as e:
         print(f"benchmark: config error: {e}", file=sys.stderr)
         return 2
-    if args.count_ops and cfg.train.compile:
+    if args.count_ops and cfg.train.compile == "true":
         print("benchmark: --count-ops counts eager operators; drop train.compile=true for it", file=sys.stderr)
         return 2
+    if args.count_ops:
+        cfg.train.compile = "false"  # auto would compile on a GPU
     impls = ["largemim", "hf"] if args.impl == "both" else [args.impl]
     if "hf" in impls:
         try:

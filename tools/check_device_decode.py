@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Check data.decode=device on a device against the same batch decoded on the CPU: pixels, grey JPEGs,
-and a truncated file (counted as failed on both). Run by tools/gpu_check.sh on a CUDA machine; on a CPU
-machine it compares the CPU with itself (a smoke test of the script).
+"""Check data.decode=device on a device against the same batch decoded on the CPU: pixels of every good
+file (grey and 4:4:4 JPEGs among them, all sent on to the device), and a truncated file refused in the
+worker, before either decode (nvJPEG would decode it without error). Run by tools/gpu_check.sh on a CUDA
+machine; on a CPU machine it compares the CPU with itself (a smoke test of the script). Exit status 0
+only if every check holds.
 
     python tools/check_device_decode.py --device cuda
 """
@@ -50,20 +52,31 @@ def main() -> None:
     files += [jpeg(photo_like(640, 480, 99).convert("L"), quality=90)]  # grey
     files += [jpeg(photo_like(800, 600, 98), quality=90, subsampling=0)]  # 4:4:4 chroma
     broken = jpeg(photo_like(700, 500, 97))
-    files += [broken[: len(broken) // 2]]  # a valid header, half the data
+    # A valid header and a third of the data: fewer rows than any crop reaches down to (a crop of scale >= 0.2
+    # is at least 0.39 of the height), so the worker's CPU decode refuses it whatever the crop.
+    files += [broken[: len(broken) // 3]]
     aug = DeviceDecodeAugment(args.size, (0.2, 1.0))
-    batch = aug.collate([aug(d, np.random.default_rng(i)) for i, d in enumerate(files)])
+    items, refused = [], []
+    for i, d in enumerate(files):
+        try:
+            items.append(aug(d, np.random.default_rng(i)))
+        except OSError:  # the worker's decode refused it: the stream skips and counts the sample
+            refused.append(i)
+    sent = sum(it.file is not None for it in items)  # the rest were decoded in the worker
+    batch = aug.collate(items)
     on_device, failed_device = batch.decode(args.device)
     on_cpu, failed_cpu = batch.decode("cpu")
     diff = (on_device.cpu() - on_cpu).abs()  # grey levels
     per_image = diff.mean(dim=(1, 2, 3))
-    print(f"device {args.device}: {len(files)} files, failed on device {failed_device}, on CPU {failed_cpu}")
+    print(f"device {args.device}: {len(files)} files, {sent} sent on to the device, refused in the worker "
+          f"{refused}, failed on device {failed_device}, on CPU {failed_cpu}")  # fmt: skip
     print(f"mean |device - CPU| per image, grey levels: {np.round(per_image.numpy(), 3).tolist()}")
     print(f"max |device - CPU|: {diff.max().item():.1f}; share of pixels off by more than 4: "
           f"{(diff > 4).float().mean().item():.4f}")  # fmt: skip
-    ok = per_image[:-1].max().item() < 2.0  # the last one stands in for the broken file: may differ in choice
-    ok = ok and failed_device == failed_cpu == 1
-    print("OK" if ok else "MISMATCH: nvJPEG and libjpeg disagree beyond rounding, or on the broken file")
+    ok = per_image.max().item() < 2.0 and failed_device == failed_cpu == 0
+    ok = ok and refused == [len(files) - 1] and sent == len(files) - 1  # only the truncated file kept back
+    why = "disagree beyond rounding, a good file failed or was kept back, or the truncated one was not refused"
+    print("OK" if ok else f"MISMATCH: nvJPEG and libjpeg {why}")
     sys.exit(0 if ok else 1)
 
 

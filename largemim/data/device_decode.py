@@ -8,9 +8,13 @@ file's bytes on untouched. The training process decodes a micro-batch's JPEGs in
 image, resizes it with antialiased bicubic (rounded to whole grey levels, as the CPU paths' uint8 resize)
 and flips it on the device; the trainer normalises the batch there, as for every decode mode. Images
 nvJPEG does not take (PNG and other formats, CMYK, palette, 16-bit) are decoded by
-:class:`~largemim.data.fast_decode.FastTrainAugment` in the worker, with the crop already drawn. A batch
-that fails to decode is decoded one file at a time; a file that still fails is skipped, counted, and
-its place taken by a good image of the batch, as on the CPU paths.
+:class:`~largemim.data.fast_decode.FastTrainAugment` in the worker, with the crop already drawn. So are
+JPEGs cut short (no end-of-image marker after the last scan, :func:`jpeg_complete`): nvJPEG decodes a
+truncated file without error (measured on an H200: garbage below the cut), where libjpeg in the worker
+refuses it, so the stream skips and counts the sample as on the CPU paths (a crop wholly above the cut is
+decoded from those rows, as with ``data.decode=fast``). A batch that fails to decode is decoded one file
+at a time; a file that still fails is skipped, counted, and its place taken by a good image of the
+batch, as on the CPU paths.
 
 On a CPU device the same code decodes with libjpeg in the training process: correct (the tests run it)
 but slower than ``data.decode=fast``, which decodes in the workers at reduced scale.
@@ -129,6 +133,19 @@ def _decode_files(files: list[torch.Tensor], device: torch.device) -> list[torch
         return out
 
 
+def jpeg_complete(data: bytes) -> bool:
+    """Whether a JPEG file has its end-of-image marker (FF D9) after its last scan: False for a file cut short.
+
+    Entropy-coded data never holds the bytes FF D9 (a data byte FF is written FF 00, restart markers are
+    FF D0-D7), so a complete baseline or progressive file has no start-of-scan marker (FF DA) after its
+    last FF D9. An EXIF thumbnail's own scan and end-of-image come before the main image's scan, so a cut
+    main image is still found. Bytes after the end-of-image that hold FF DA make a whole file look cut:
+    it is then decoded in the worker, correctly, only more slowly. Searching from the end reads little
+    more than the bytes after the last FF D9."""
+    eoi = data.rfind(b"\xff\xd9")
+    return eoi >= 0 and data.find(b"\xff\xda", eoi + 2) < 0
+
+
 class DeviceDecodeAugment:
     """The worker half of ``data.decode=device``: draws crops from headers; TrainAugment's interface."""
 
@@ -139,11 +156,14 @@ class DeviceDecodeAugment:
     def __call__(self, data: bytes, rng: np.random.Generator) -> PendingImage:
         img = Image.open(io.BytesIO(data))  # header only
         width, height = img.size
-        if img.format == "JPEG" and img.mode in ("RGB", "L"):
+        # A JPEG cut short is not sent on: nvJPEG would decode it without error, garbage below the cut.
+        if img.format == "JPEG" and img.mode in ("RGB", "L") and jpeg_complete(data):
             box = crop_params(width, height, self.scale, self.ratio, rng)
             flip = self.hflip and rng.random() < 0.5  # drawn after the crop, as TrainAugment does
             return PendingImage(bytes(data), box, flip)
-        # Not a JPEG nvJPEG decodes to RGB: the worker decodes it (same RNG draws: same crop and flip).
+        # Not a JPEG nvJPEG decodes to RGB, or one cut short: the worker decodes it (same RNG draws: same crop
+        # and flip). libjpeg refuses a truncated file whose crop needs rows past the cut (as data.decode=fast
+        # does); the stream skips and counts the sample.
         return PendingImage(None, (0, 0, 0, 0), False, self._cpu(data, rng).numpy())
 
     def collate(self, items: list[PendingImage]) -> EncodedImages:
