@@ -135,8 +135,8 @@ class TrainConfig:
     autocast: bool = False
     # torch.compile the objective's forward and backward (DeepSpeed's engine.compile, inductor); random
     # ops keep eager semantics, so a compiled run draws the same masks as an eager one. auto: compiled
-    # where it was measured faster (MAE on a CUDA GPU, ZeRO 0-2, DeepSpeed's bf16 mode, no activation
-    # checkpointing; ViT-L/16 1.23x, ViT-H/14 1.13x on an H200), eager elsewhere; true | false force it.
+    # for the setup measured faster (MAE on a CUDA GPU, ZeRO 0-2, DeepSpeed's bf16 mode, no activation
+    # checkpointing; ViT-L/16 1.23x, ViT-H/14 1.13x on one H200), eager elsewhere; true | false force it.
     compile: str = "auto"
     # bf16 mode: DeepSpeed tests every gradient for inf/NaN each step to skip such a step (a host sync, and
     # about a dozen small kernels per parameter tensor unless foreach_grad_checks makes it one pass). bf16
@@ -258,8 +258,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if "missing mandatory value" in str(e).lower():
             raise ConfigError(f"{e.full_key} must be set (in the recipe or as {e.full_key}=...)") from None
         raise ConfigError(str(e).splitlines()[0]) from None
-    # a YAML recipe's `compile: true` arrives as the string "True"
-    result.train.compile = str(result.train.compile).lower()
+    # A YAML recipe's `compile: true` arrives as the string "True"; the spellings a bool took are kept.
+    value = str(result.train.compile).lower()
+    result.train.compile = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false", "off": "false"}.get(
+        value, value
+    )
     if result.train.compile not in ("auto", "true", "false"):
         raise ConfigError(f"train.compile={result.train.compile!r} must be auto, true or false")
     if not ratio_given:

@@ -232,9 +232,13 @@ def build_engine(model: nn.Module, cfg: Config, plan: Plan, ds_json: dict):
     compiled, why = compile_choice(cfg, ds)
     if compiled:
         import torch._dynamo.config as dynamo
+        import torch._functorch.config as functorch
         import torch._inductor.config as inductor
 
         inductor.fallback_random = True  # torch.rand & co. as in eager: the same masks for the same seed
+        # The backward graph compiled with the forward, not lazily at the first backward: a failure to
+        # compile it then shows in the forward, where dynamo can fall back (a lazy one raises in backward).
+        functorch.force_non_lazy_backward_lowering = True
         if cfg.train.compile == "auto":
             dynamo.suppress_errors = True  # a graph that fails to compile runs eagerly, with dynamo's warning
         engine.compile()  # the first steps are slow while inductor compiles
@@ -246,8 +250,10 @@ def build_engine(model: nn.Module, cfg: Config, plan: Plan, ds_json: dict):
 
 
 def compile_choice(cfg: Config, ds: dict) -> tuple[bool, str]:
-    """(compile?, why) for ``train.compile``: true and false as set; auto compiles only where compiling
-    was measured faster (BENCHMARKS.md, 2026-11-27, H200: MAE ViT-L/16 1.23x, ViT-H/14 1.13x)."""
+    """(compile?, why) for ``train.compile``: true and false as set; auto compiles the setup that was
+    measured faster (BENCHMARKS.md, 2026-11-27, one H200, micro-batch 256: MAE ViT-L/16 1.23x, ViT-H/14
+    1.13x): MAE on a CUDA GPU, ZeRO 0-2, DeepSpeed's bf16 mode, no activation checkpointing. Other
+    sizes, batches and GPU counts of that setup are compiled too, unmeasured."""
     if cfg.train.compile != "auto":
         return cfg.train.compile == "true", f"train.compile={cfg.train.compile}"
     against = [
@@ -262,10 +268,3 @@ def compile_choice(cfg: Config, ds: dict) -> tuple[bool, str]:
         if off
     ]
     return not against, ", ".join(against) or "MAE on CUDA, ZeRO 0-2, bf16, no activation checkpointing"
-
-
-def eager_call(module: nn.Module):
-    """``module``'s uncompiled call, for forwards off the training path (the reconstruction pictures):
-    DeepSpeed's engine.compile compiles the module's own call in place (``nn.Module.compile``), and a call
-    in eval mode at another batch size would compile it again, taking minutes and a recompile slot."""
-    return module._call_impl if getattr(module, "_compiled_call_impl", None) is not None else module

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
+from largemim.compiled import eager_call
 from largemim.config import Config
 from largemim.data.augment import EvalTransform
 from largemim.distributed import broadcast_from_rank0
-from largemim.engine import eager_call
 from largemim.evaluation.represent import LabelledSet, check_encoder, load_labelled, pixel_baseline
 from largemim.files import replacing, write_atomic
 from largemim.visualize import reconstruction_grid

@@ -178,6 +178,8 @@ def test_compile_under_zero3_is_refused_before_the_model_is_built():
 def test_compile_takes_auto_true_false_from_overrides_and_recipes(tmp_path):
     assert load_config(None, ["data.shards=x"]).train.compile == "auto"
     assert load_config(None, ["data.shards=x", "train.compile=True"]).train.compile == "true"
+    assert load_config(None, ["data.shards=x", "train.compile=off"]).train.compile == "false"
+    assert load_config(None, ["data.shards=x", "train.compile=1"]).train.compile == "true"
     recipe = tmp_path / "r.yaml"
     recipe.write_text("train:\n  compile: false\n")  # a YAML bool
     assert load_config(recipe, ["data.shards=x"]).train.compile == "false"
@@ -209,7 +211,7 @@ def test_eager_call_runs_a_compiled_module_without_compiling_it_again():
     would be one more compile (minutes for a ViT-H on a GPU) and a recompile slot."""
     import torch
 
-    from largemim.engine import eager_call
+    from largemim.compiled import eager_call
 
     graphs = []
 

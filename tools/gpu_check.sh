@@ -7,21 +7,21 @@ esac
 # .whl/ carried (deepspeed, omegaconf, webdataset and their dependencies the GPU image lacks; torch,
 # timm and transformers come with the image). Do not carry build/photo_sets unless it fits: tracked
 # files + .whl + carried paths must stay under the device tool's 64 MiB. Run it as
-#     BUDGET_S=430 bash tools/gpu_check.sh          (device timeout_s=480, then give the machine back)
+#     BUDGET_S=480 bash tools/gpu_check.sh          (device timeout_s=540, then give the machine back)
 # Results: every result is a JSON line in $OUT/bench.jsonl; each stage's full output is a log in
 # $OUT/logs.tgz (packed after every stage: the device tool brings back at most 8 files of 16 MiB).
 # Afterwards, here: tools/memory_table.py --check bench.jsonl (predicted against measured peaks).
 #
-# Order (after the 2026-11-27 H200 session, BENCHMARKS.md): first what issue 7 still lacks. MAE ViT-H/14
-# and ViT-L/16 in the default mode (train.compile=auto compiles on a GPU) beside HF ViTMAE at micro-batch
-# 256, then ViT-g/14 beside HF; larger H/14 micro-batches (MFU grows with the batch); the memory
-# prediction's ZeRO-1 and ZeRO-3 largest micro-batches for H/14 under a 79 GiB cap (an 80 GB card, also
-# on an H200); compile with activation checkpointing (whether train.compile=auto should include it);
-# the device-decode check (a truncated JPEG must be refused before nvJPEG); then profiles of the
+# Order (after the 2026-11-27 H200 session, BENCHMARKS.md): the device-decode check first (seconds: a
+# truncated JPEG must be refused before nvJPEG), then what issue 7 still lacks. MAE ViT-H/14 and ViT-L/16
+# in the default mode (train.compile=auto compiles on a GPU) beside HF ViTMAE at micro-batch 256, then
+# ViT-g/14 beside HF; H/14 at micro-batch 448 (MFU grows with the batch); the memory prediction's ZeRO-1
+# and ZeRO-3 largest micro-batches for H/14 under a 79 GiB cap (an 80 GB card, also on an H200); compile
+# with activation checkpointing (whether train.compile=auto should include it); then a profile of the
 # compiled step and the rest if time is left. torch's fused AdamW throughout (faster than DeepSpeed's
 # FusedAdam, notes row 3), so nothing waits for an extension build.
 #
-# Each stage runs under `timeout`, and a stage that would overrun the budget (BUDGET_S, default 430 s
+# Each stage runs under `timeout`, and a stage that would overrun the budget (BUDGET_S, default 480 s
 # after the install) is cut short or skipped, so one failure cannot eat the session.
 set -u
 OUT=${OUT:-$PWD/runs/gpu_check}
@@ -37,7 +37,7 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8 TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
 export DS_SKIP_CUDA_CHECK=1  # the image's nvcc may differ from torch's CUDA in the minor version
 T0=$SECONDS
-BUDGET=${BUDGET_S:-430}
+BUDGET=${BUDGET_S:-480}
 
 nvidia-smi
 nvidia-smi --query-gpu=name,compute_cap,memory.total,clocks.max.sm,power.limit --format=csv
@@ -60,6 +60,12 @@ if ! python3 -c "import transformers" 2>/dev/null; then
 fi
 
 OPT=torch_fused
+
+# First, seconds long: data.decode=device's nvJPEG pixels against libjpeg, and a truncated JPEG refused
+# in the worker before it reaches nvJPEG (which decodes one without error: seen on the H200, 2026-11-27).
+echo "== device decode check"
+timeout --kill-after=5 30 python3 tools/check_device_decode.py --device cuda >"$LOGS/decode_check.log" 2>&1
+tail -n 4 "$LOGS/decode_check.log"
 
 stage() {  # stage NAME LIMIT_S benchmark-args...
   local name=$1 limit=$2
@@ -97,8 +103,9 @@ common
 stage H14 150 --impl "$IMPL" --steps 30 --warmup 10 "${COMMON[@]}" "${HUGE[@]}"
 stage L16 120 --impl "$IMPL" --steps 60 --warmup 10 "${COMMON[@]}" "${LARGE[@]}"
 stage g14 170 --impl "$IMPL" --steps 20 --warmup 10 "${COMMON[@]}" "${GIANT[@]}"
-# 2. MFU against the micro-batch (g/14 rose from 32 % at 128 to 39 % at 309 eager on the H200).
-stage H14_mb512 150 --impl largemim --steps 15 --warmup 10 "${COMMON[@]}" "${HUGE[@]}" train.micro_batch=512
+# 2. MFU against the micro-batch (g/14 rose from 32 % at 128 to 39 % at 309 eager on the H200); 448 is
+# about 60 GiB allocated, inside an 80 GB H100 as well.
+stage H14_mb448 150 --impl largemim --steps 15 --warmup 10 "${COMMON[@]}" "${HUGE[@]}" train.micro_batch=448
 # 3. The memory table: H/14's predicted largest micro-batches per 80 GB card under ZeRO-1 and ZeRO-3
 # (BENCHMARKS.md: 447 and 442; g/14's ZeRO-2 points, 309 and 1110, fitted on 2026-11-27), eager, as
 # modelled. An out-of-memory error there says the table is wrong.
@@ -109,13 +116,8 @@ stage H14_zero3_mb442_cap79 90 --impl largemim --steps 3 --warmup 2 --mem-cap-gi
 # 4. Compile with activation checkpointing, beside the eager checkpointed step (2026-11-27: 1527 img/s).
 stage L16_ckpt_compiled 120 --impl largemim --steps 30 --warmup 10 "${COMMON[@]}" "${LARGE[@]}" \
   model.grad_ckpt_every=1 train.compile=true
-# 5. Issue 3: data.decode=device's nvJPEG pixels against libjpeg, and the loader on photo sets carried in
-# build/photo_sets (tools/make_photo_sets.py --imagenet 200 --web 80, if it fits the 64 MiB carry).
-if ((BUDGET - (SECONDS - T0) > 40)); then
-  echo "== device decode check"
-  timeout --kill-after=5 30 python3 tools/check_device_decode.py --device cuda >"$LOGS/decode_check.log" 2>&1
-  tail -n 4 "$LOGS/decode_check.log"
-fi
+# 5. The stop-check poll, and issue 3's loader on photo sets carried in build/photo_sets
+# (tools/make_photo_sets.py --imagenet 200 --web 80, if it fits the 64 MiB carry).
 if ((BUDGET - (SECONDS - T0) > 40)); then  # the trainer's per-step stop check must not wait for the GPU
   echo "== stop-check poll"
   timeout --kill-after=5 30 python3 tools/check_stop_poll.py >"$LOGS/stop_poll.log" 2>&1

@@ -44,7 +44,8 @@ def run(name: str, size: str, stage: int, args, extra: list[str], device: torch.
     cfg = load_config(None, [
         "data.shards=unused", f"model.size={size}", f"model.img_size={args.img}", f"model.patch_size={args.patch}",
         f"objective.name={name}", f"train.micro_batch={args.batch}", f"train.steps={args.steps}",
-        "train.warmup_steps=1", "train.precision=bf16", "optim.base_lr=1e-4", "optim.grad_clip=3.0", *extra,
+        "train.warmup_steps=1", "train.precision=bf16", "optim.base_lr=1e-4", "optim.grad_clip=3.0",
+        "train.compile=false", *extra,  # a few steps each: compiling would take most of the time
     ])  # fmt: skip
     check_objective(cfg)
     plan = make_plan(cfg, 1, 10**6)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from largemim.compiled import eager_call
 from largemim.config import Config, ConfigError
 from largemim.models.vit import ViTEncoder, init_mim_weights
 from largemim.objectives.dvae import DVAE, TokenizerMeta, file_id, load_tokenizer, read_tokenizer_meta
@@ -147,7 +148,7 @@ class BEiT(nn.Module):
         """original | masked | the tokenizer's decoding of the true ids | of the ids with the hidden ones
         predicted by the ViT; masks from a fixed seed."""
         mask = self.masks(images.shape[0], torch.Generator().manual_seed(0)).to(images.device)
-        out = self(images, mask=mask)
+        out = eager_call(self)(images, mask=mask)  # not compiled again (train.compile)
         filled = out["ids"].scatter(1, self.masks.hidden_index(mask), out["predicted"])
         g, p = self.masks.grid, self.encoder.patch_size
         hide = mask.view(-1, 1, g, g).float().repeat_interleave(p, 2).repeat_interleave(p, 3).cpu()

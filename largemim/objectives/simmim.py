@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from largemim.compiled import eager_call
 from largemim.config import Config
 from largemim.models.vit import ViTEncoder, init_mim_weights
 from largemim.objectives.mae import patchify, unpatchify
@@ -64,7 +65,7 @@ class SimMIM(nn.Module):
         """original | masked | prediction | prediction pasted into the hidden patches, with masks from a
         fixed seed so that every picture of a run shows the same ones."""
         mask = self.masks(images.shape[0], torch.Generator().manual_seed(0))
-        out = self(images, mask=mask)
+        out = eager_call(self)(images, mask=mask)  # not compiled again (train.compile)
         p, c = self.patch_size, self.in_chans
         hide = unpatchify(out["mask"].float().cpu().unsqueeze(-1).expand(-1, -1, p * p * c), p, c)
         original = to_pixels(images, mean, std)
