@@ -141,11 +141,33 @@ def test_a_failing_count_keeps_the_timing(capsys):
     assert "synchronize" not in vars(get_accelerator())  # DeepSpeed's own method again
 
 
+@pytest.mark.slow
+def test_the_compiled_pair_reports_both_compiled(tmp_path):
+    """--hf-compile with train.compile=true: both implementations compiled (inductor; a minute or two on
+    the CPU), so the ratio compares like with like, and each JSON line says so."""
+    pytest.importorskip("transformers")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TORCH_LOGS="recompiles")
+    cmd = [sys.executable, str(TOOL), "--device", "cpu", "--steps", "2", "--warmup", "2", "--hf-compile"]
+    cmd += [*TINY, "ds_config=ds_configs/zero2.json", "train.precision=bf16", "train.compile=true"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    records = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    throughput = {r["impl"]: r for r in records if r["kind"] == "throughput"}
+    assert set(throughput) == {"largemim", "hf"}
+    for r in throughput.values():
+        assert r["compiled"] is True and r["precision_mode"].endswith(", compiled")
+        assert r["images_per_s"] > 0 and r["loss"] == r["loss"]
+    assert "Recompiling" not in p.stderr  # the timed steps ran the graphs compiled in the warm-up
+
+
 def test_count_ops_refuses_a_compiled_model(capsys):
     tool = load_tool()
     args = tool.parse_args(["--count-ops", "1", *TINY, "train.compile=true"])
     assert tool.benchmark(args, print) == 2
     assert "--count-ops counts eager operators" in capsys.readouterr().err
+    args = tool.parse_args(["--count-ops", "1", *TINY, "--hf-compile"])
+    assert tool.benchmark(args, print) == 2
 
 
 def test_sweep_memory_needs_cuda(capsys):

@@ -19,7 +19,8 @@ Settings are largemim's own config keys, as for training (a recipe and/or dotted
 that an out-of-memory error cannot poison the next one.
 
 largemim's default ``train.compile=auto`` compiles on a GPU (MAE, ZeRO 0-2, bf16, no activation
-checkpointing) while the HF loop runs eagerly; ``train.compile=false`` gives the eager pair.
+checkpointing) while the HF loop runs eagerly unless ``--hf-compile``; ``train.compile=false`` gives the
+eager pair, ``--hf-compile`` the compiled one.
 
 Numbers are only comparable on the same machine in the same run: run the pair, read the ratio.
 """
@@ -69,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="after timing, count the operators N more steps of each implementation dispatch, per phase "
         "(forward, backward, optimizer step): device kernels, host syncs and metadata-only views, to stderr",
     )
+    ap.add_argument(
+        "--hf-compile", action="store_true",
+        help="torch.compile the HF model too (model.compile(), inductor): the compiled pair, where largemim "
+        "compiles (train.compile=auto on a GPU)",
+    )  # fmt: skip
     ap.add_argument(
         "--mem-cap-gib", type=float, default=0.0,
         help="CUDA: let this process allocate at most this many GiB (e.g. 79 on a bigger card: an 80 GB GPU)",
@@ -497,6 +503,8 @@ def run_hf(cfg, args, device) -> dict:
     torch.manual_seed(cfg.run.seed)
     model = build_hf(cfg, device)
     model.train()
+    if args.hf_compile:
+        model.compile()  # in place, as DeepSpeed's engine.compile does largemim's; compiles in the warm-up
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -541,7 +549,9 @@ def run_hf(cfg, args, device) -> dict:
         "impl": "hf",
         "zero_stage": None,
         "optimizer": "AdamW" + (" (fused)" if fused else ""),
-        "precision_mode": f"autocast {precision}, fp32 weights" if dtype else "fp32",
+        "precision_mode": (f"autocast {precision}, fp32 weights" if dtype else "fp32")
+        + (", compiled" if args.hf_compile else ""),
+        "compiled": args.hf_compile,
         "fused_attn": model.config._attn_implementation == "sdpa",
         "seconds": seconds,
         "loss": loss,
@@ -758,8 +768,9 @@ def benchmark(args, emit) -> int:
     except ConfigError as e:
         print(f"benchmark: config error: {e}", file=sys.stderr)
         return 2
-    if args.count_ops and cfg.train.compile == "true":
-        print("benchmark: --count-ops counts eager operators; drop train.compile=true for it", file=sys.stderr)
+    if args.count_ops and (cfg.train.compile == "true" or args.hf_compile):
+        print("benchmark: --count-ops counts eager operators; drop train.compile=true and --hf-compile for it",
+              file=sys.stderr)  # fmt: skip
         return 2
     if args.count_ops:
         cfg.train.compile = "false"  # auto would compile on a GPU

@@ -14,8 +14,8 @@ esac
 #
 # Order (after the 2026-11-27 H200 session, BENCHMARKS.md): the device-decode check first (seconds: a
 # truncated JPEG must be refused before nvJPEG), then what issue 7 still lacks. MAE ViT-H/14 and ViT-L/16
-# in the default mode (train.compile=auto compiles on a GPU) beside HF ViTMAE at micro-batch 256, then
-# ViT-g/14 beside HF; H/14 at micro-batch 448 (MFU grows with the batch); the memory prediction's ZeRO-1
+# in the default mode (train.compile=auto compiles on a GPU) beside HF ViTMAE at micro-batch 256 (H/14
+# also beside HF compiled), then ViT-g/14 beside HF; H/14 at micro-batch 448 (MFU grows with the batch); the memory prediction's ZeRO-1
 # and ZeRO-3 largest micro-batches for H/14 under a 79 GiB cap (an 80 GB card, also on an H200); compile
 # with activation checkpointing (whether train.compile=auto should include it); then a profile of the
 # compiled step and the rest if time is left. torch's fused AdamW throughout (faster than DeepSpeed's
@@ -101,6 +101,8 @@ common
 # compiled stage compile (about a minute for H/14 on the H200): --warmup covers them.
 # 1. Issue 7's figures in the default mode (compiled) beside HF (eager, its own default).
 stage H14 150 --impl "$IMPL" --steps 30 --warmup 10 "${COMMON[@]}" "${HUGE[@]}"
+# ... and HF compiled too (--hf-compile), for the like-for-like ratio (2026-11-27 had HF eager only)
+[[ $IMPL == both ]] && stage H14_hf_compiled 120 --impl hf --hf-compile --steps 30 --warmup 10 "${COMMON[@]}" "${HUGE[@]}"
 stage L16 120 --impl "$IMPL" --steps 60 --warmup 10 "${COMMON[@]}" "${LARGE[@]}"
 stage g14 170 --impl "$IMPL" --steps 20 --warmup 10 "${COMMON[@]}" "${GIANT[@]}"
 # 2. MFU against the micro-batch (g/14 rose from 32 % at 128 to 39 % at 309 eager on the H200); 448 is
