@@ -32,17 +32,22 @@ def load_tool():
     return module
 
 
+def run_tool(args: list[str], timeout: int, **env_extra: str):
+    """tools/benchmark.py on the CPU in a subprocess: (the process, its throughput records by impl)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **env_extra)
+    cmd = [sys.executable, str(TOOL), "--device", "cpu", *TINY, "ds_config=ds_configs/zero2.json", *args]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-4000:]
+    records = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    return p, records
+
+
 def test_both_implementations_report(tmp_path):
     pytest.importorskip("transformers")
     jsonl = tmp_path / "bench.jsonl"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(TOOL), "--device", "cpu", "--steps", "2", "--warmup", "1", "--jsonl", str(jsonl)]
-    cmd += [*TINY, "ds_config=ds_configs/zero2.json", "train.precision=bf16", "model.grad_ckpt_every=2"]
-    cmd += ["--count-ops", "1", "optim.impl=torch_fused"]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert p.returncode == 0, p.stderr[-4000:]
-    records = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    p, records = run_tool(["--steps", "2", "--warmup", "1", "--jsonl", str(jsonl), "train.precision=bf16",
+                           "model.grad_ckpt_every=2", "--count-ops", "1", "optim.impl=torch_fused"], 240)  # fmt: skip
     throughput = {r["impl"]: r for r in records if r["kind"] == "throughput"}
     assert set(throughput) == {"largemim", "hf"}
     for r in throughput.values():
@@ -69,12 +74,8 @@ def test_both_implementations_report(tmp_path):
 
 
 def test_profile_prints_the_top_operators_and_writes_a_trace(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(TOOL), "--device", "cpu", "--impl", "largemim", "--steps", "1", "--warmup", "1"]
-    cmd += ["--profile", "2", "--trace-dir", str(tmp_path), *TINY, "ds_config=ds_configs/zero2.json"]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert p.returncode == 0, p.stderr[-4000:]
+    args = ["--impl", "largemim", "--steps", "1", "--warmup", "1", "--profile", "2", "--trace-dir", str(tmp_path)]
+    p, _ = run_tool(args, 240)
     assert "== profile: largemim, 2 steps" in p.stderr and "Self CPU" in p.stderr
     assert "aten::mm" in p.stderr or "aten::addmm" in p.stderr  # the model's matmuls are among the operators
     assert "ms per step, host returns after" in p.stderr
@@ -114,13 +115,9 @@ def test_count_ops_counts_deepspeeds_device_syncs(tmp_path):
     ds = json.loads((REPO / "ds_configs/zero2.json").read_text())
     ds["timers"] = {"throughput": {"enabled": True, "synchronized": True}}
     (tmp_path / "timed.json").write_text(json.dumps(ds))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(TOOL), "--device", "cpu", "--impl", "largemim", "--steps", "1", "--warmup", "1"]
-    cmd += ["--count-ops", "2", *TINY, f"ds_config={tmp_path / 'timed.json'}", "train.precision=bf16"]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert p.returncode == 0, p.stderr[-4000:]
-    record = next(json.loads(line) for line in p.stdout.splitlines() if line.startswith("{"))
+    args = ["--impl", "largemim", "--steps", "1", "--warmup", "1", "--count-ops", "2"]
+    _, records = run_tool([*args, f"ds_config={tmp_path / 'timed.json'}", "train.precision=bf16"], 240)
+    record = records[0]
     phases = record["ops_per_step"]["phases"]
     assert phases["forward"]["syncs"] == 1 and phases["step"]["syncs"] > 2, phases  # 2 without the timer
 
@@ -146,13 +143,8 @@ def test_the_compiled_pair_reports_both_compiled(tmp_path):
     """--hf-compile with train.compile=true: both implementations compiled (inductor; a minute or two on
     the CPU), so the ratio compares like with like, and each JSON line says so."""
     pytest.importorskip("transformers")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TORCH_LOGS="recompiles")
-    cmd = [sys.executable, str(TOOL), "--device", "cpu", "--steps", "2", "--warmup", "2", "--hf-compile"]
-    cmd += [*TINY, "ds_config=ds_configs/zero2.json", "train.precision=bf16", "train.compile=true"]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-4000:]
-    records = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    args = ["--steps", "2", "--warmup", "2", "--hf-compile", "train.precision=bf16", "train.compile=true"]
+    p, records = run_tool(args, 900, TORCH_LOGS="recompiles")
     throughput = {r["impl"]: r for r in records if r["kind"] == "throughput"}
     assert set(throughput) == {"largemim", "hf"}
     for r in throughput.values():
